@@ -1,0 +1,114 @@
+//! Command-line interface (clap types only; the work is in `commands`).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/etcd-backup/config.toml";
+
+/// Verified, compressed backups of etcd to S3-compatible storage or a local directory.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-backup", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format: `text` (default; no timestamps under systemd, the journal adds them) or `json`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info`, `debug`, `etcd_backup=debug` (overrides RUST_LOG).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The configuration file argument shared by every command.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file (TOML). `ETCD_BACKUP_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: take backups on the configured cron schedule.
+    Run(ConfigArg),
+    /// Take one backup now (e.g. before an upgrade) and print its id.
+    Snapshot {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Snapshot this member instead of the first of etcd.endpoints.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// List committed backups, newest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify backups end to end (download, decompress, sha256 against the manifest, the
+    /// built-in snapshot verifier), or a local snapshot file with `--file`.
+    Verify {
+        /// Configuration file (for backups in the store).
+        #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The backup: an id from `list`, or `latest`.
+        #[arg(default_value = "latest", conflicts_with_all = ["all", "file"])]
+        backup: String,
+        /// Verify every committed backup.
+        #[arg(long)]
+        all: bool,
+        /// Verify this local snapshot file instead (as written by `etcdctl snapshot save`
+        /// or `etcd-backup restore`).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a verified snapshot file ready for `etcdutl snapshot restore`.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The backup: an id from `list`, or `latest`.
+        #[arg(default_value = "latest")]
+        backup: String,
+        /// Where to write the snapshot file (must not exist).
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// Also run `etcdutl snapshot restore` into this new data directory (must not exist).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Member name for `--data-dir` (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print every backup with keep/delete and the rule that decided; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig(ConfigArg),
+}

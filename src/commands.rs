@@ -1,0 +1,545 @@
+//! The subcommands: load what they need, call the library, print the result.
+
+use crate::cli::{Command, ConfigArg};
+use crate::config::{Config, ConfigError};
+use crate::cycle::{self, CycleInput};
+use crate::manifest::Manifest;
+use crate::store::BackupStore;
+use crate::{daemon, restore as fetch, spool, verify};
+use serde::Serialize;
+use std::io::Write;
+use tokio_util::sync::CancellationToken;
+
+/// How a command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Bad configuration or usage: exit code 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Anything else: exit code 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CommandError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CommandError::Config(_) => 2,
+            CommandError::Failed(_) => 1,
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Failed(e.to_string())
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// [`CommandError`] with a message for the operator.
+pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
+    match cmd {
+        Command::Run(ConfigArg { config }) => {
+            let cfg = Config::load(&config)?;
+            daemon::run(cfg).await.map_err(failed)
+        }
+        Command::Snapshot { config, endpoint } => {
+            let cfg = Config::load(&config.config)?;
+            snapshot(&cfg, endpoint.as_deref()).await
+        }
+        Command::List { config, json } => {
+            let cfg = Config::load(&config.config)?;
+            list(&cfg, json).await
+        }
+        Command::Verify {
+            config,
+            backup,
+            all,
+            file,
+            json,
+        } => match file {
+            Some(file) => verify_file(&file, json).await,
+            None => {
+                let cfg = Config::load(&config)?;
+                verify_backups(&cfg, &backup, all, json).await
+            }
+        },
+        Command::Restore {
+            config,
+            backup,
+            output,
+            data_dir,
+            name,
+        } => {
+            let cfg = Config::load(&config.config)?;
+            restore(&cfg, &backup, &output, data_dir.as_deref(), name).await
+        }
+        Command::Prune {
+            config,
+            dry_run,
+            json,
+        } => {
+            let cfg = Config::load(&config.config)?;
+            prune(&cfg, dry_run, json).await
+        }
+        Command::CheckConfig(ConfigArg { config }) => {
+            let cfg = Config::load(&config)?;
+            print!("{}", cfg.to_redacted_toml());
+            eprintln!("{}: configuration is valid", config.display());
+            Ok(())
+        }
+    }
+}
+
+/// Opens the configured store.
+///
+/// # Errors
+/// When the store cannot be set up.
+pub fn open_store(cfg: &Config) -> Result<BackupStore, CommandError> {
+    BackupStore::open(&cfg.storage, &cfg.backup.cluster_name).map_err(failed)
+}
+
+async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandError> {
+    let store = open_store(cfg)?;
+    spool::clean_stale(&cfg.backup.spool_dir);
+    let endpoint = endpoint.unwrap_or(&cfg.etcd.endpoints[0]).to_string();
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if crate::daemon::shutdown_signal().await.is_ok() {
+                tracing::warn!("interrupted: aborting the backup");
+                cancel.cancel();
+            }
+        })
+    };
+    let r = cycle::run(CycleInput {
+        config: cfg,
+        store: &store,
+        endpoint: &endpoint,
+        cancel: &cancel,
+        heartbeat: None,
+    })
+    .await;
+    ctrl_c.abort();
+    let report = r.map_err(failed)?;
+    let m = &report.manifest;
+    tracing::info!(
+        id = %m.id,
+        revision = m.revision,
+        size = m.size,
+        stored_size = m.stored_size,
+        "backup committed"
+    );
+    println!("{}", m.id);
+    Ok(())
+}
+
+/// The fields `list --json` prints; their names are stable.
+#[derive(Serialize)]
+struct ListEntry<'a> {
+    id: &'a str,
+    time: String,
+    revision: i64,
+    size: u64,
+    stored_size: u64,
+    sha256: &'a str,
+    compression: String,
+    etcd_version: &'a str,
+    cluster_id: &'a str,
+    member: &'a str,
+    member_name: &'a str,
+}
+
+impl<'a> From<&'a Manifest> for ListEntry<'a> {
+    fn from(m: &'a Manifest) -> Self {
+        ListEntry {
+            id: &m.id,
+            time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            revision: m.revision,
+            size: m.size,
+            stored_size: m.stored_size,
+            sha256: &m.sha256,
+            compression: m.compression.to_string(),
+            etcd_version: &m.etcd_version,
+            cluster_id: &m.cluster_id,
+            member: &m.member,
+            member_name: &m.member_name,
+        }
+    }
+}
+
+async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
+    let store = open_store(cfg)?;
+    let listing = store.list().await.map_err(failed)?;
+    for (key, why) in &listing.unreadable {
+        tracing::warn!(key = %key, reason = %why, "ignoring a manifest that cannot be read");
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let entries: Vec<ListEntry> = listing.backups.iter().map(ListEntry::from).collect();
+        serde_json::to_writer_pretty(&mut out, &entries).map_err(failed)?;
+        writeln!(out).map_err(failed)?;
+        return Ok(());
+    }
+    if listing.backups.is_empty() {
+        eprintln!(
+            "no backups of cluster {:?} in {}",
+            cfg.backup.cluster_name,
+            store.url()
+        );
+        return Ok(());
+    }
+    let rows: Vec<[String; 10]> = listing
+        .backups
+        .iter()
+        .map(|m| {
+            [
+                m.id.clone(),
+                m.time.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+                m.revision.to_string(),
+                human_bytes(m.size),
+                human_bytes(m.stored_size),
+                m.compression.to_string(),
+                m.etcd_version.clone(),
+                m.cluster_id.clone(),
+                if m.member_name.is_empty() {
+                    m.member.clone()
+                } else {
+                    format!("{} ({})", m.member_name, m.member)
+                },
+                m.sha256.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "TIME (UTC)",
+        "REVISION",
+        "SIZE",
+        "STORED",
+        "COMPRESSION",
+        "ETCD",
+        "CLUSTER ID",
+        "MEMBER",
+        "SHA256",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec())).map_err(failed)?;
+    for r in &rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect())).map_err(failed)?;
+    }
+    Ok(())
+}
+
+async fn verify_file(path: &std::path::Path, json: bool) -> Result<(), CommandError> {
+    let p = path.to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        verify::verify_file(
+            &p,
+            &verify::VerifyOptions {
+                check_trailer: true,
+            },
+        )
+    })
+    .await
+    .map_err(failed)?
+    .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    if json {
+        let v = serde_json::json!({
+            "file": path.display().to_string(),
+            "ok": true,
+            "revision": report.revision,
+            "hash": report.hash,
+            "total_key_entries": report.total_key_entries,
+            "live_keys": report.live_keys,
+            "total_size": report.page_count * u64::from(report.page_size),
+            "file_size": report.file_size,
+            "page_size": report.page_size,
+            "has_trailer": report.has_trailer,
+            "consistent_index": report.consistent_index,
+            "term": report.term,
+            "storage_version": report.storage_version,
+            "buckets": report.buckets,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).map_err(failed)?);
+    } else {
+        println!("{}: OK", path.display());
+        println!("  revision:           {}", report.revision);
+        println!("  hash (crc32c):      {}", report.hash);
+        println!("  live keys:          {}", report.live_keys);
+        println!("  key entries:        {}", report.total_key_entries);
+        println!(
+            "  size:               {} ({} pages of {} bytes{})",
+            human_bytes(report.file_size),
+            report.page_count,
+            report.page_size,
+            if report.has_trailer {
+                ", sha256 trailer verified"
+            } else {
+                ", no sha256 trailer"
+            }
+        );
+        if let Some(ci) = report.consistent_index {
+            println!("  consistent index:   {ci}");
+        }
+    }
+    Ok(())
+}
+
+async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandError> {
+    let store = open_store(cfg)?;
+    let policy = cfg.retention.policy(cfg.schedule.timezone);
+    let outcome = crate::prune::prune(
+        &store,
+        &policy,
+        chrono::Utc::now(),
+        cfg.backup.timeout * 2,
+        dry_run,
+    )
+    .await
+    .map_err(failed)?;
+    if json {
+        let v = serde_json::json!({
+            "dry_run": dry_run,
+            "plan": outcome.plan,
+            "deleted": outcome.deleted,
+            "orphans_removed": outcome.orphans_removed,
+            "failed": outcome.failed,
+            "foreign_objects": outcome.foreign,
+            "unreadable_manifests": outcome.unreadable,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).map_err(failed)?);
+    } else {
+        for d in &outcome.plan.decisions {
+            println!(
+                "{}  {}  {}",
+                d.id,
+                d.time.format("%Y-%m-%d %H:%M:%SZ"),
+                d.action
+            );
+        }
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        let n_delete = outcome.plan.to_delete().count();
+        println!(
+            "{} backups: {verb} {}, kept {}; orphaned data objects {}: {}; objects not ours (left alone): {}",
+            outcome.plan.decisions.len(),
+            if dry_run { n_delete } else { outcome.deleted.len() },
+            outcome.plan.decisions.len() - n_delete,
+            if dry_run { "to remove" } else { "removed" },
+            outcome.orphans_removed.len(),
+            outcome.foreign
+        );
+    }
+    if !outcome.failed.is_empty() {
+        return Err(failed(format!(
+            "{} deletions failed (they are retried at the next prune); first: {}: {}",
+            outcome.failed.len(),
+            outcome.failed[0].0,
+            outcome.failed[0].1
+        )));
+    }
+    Ok(())
+}
+
+async fn verify_backups(
+    cfg: &Config,
+    which: &str,
+    all: bool,
+    json: bool,
+) -> Result<(), CommandError> {
+    let store = open_store(cfg)?;
+    let listing = store.list().await.map_err(failed)?;
+    let chosen: Vec<&Manifest> = if all {
+        listing.backups.iter().collect()
+    } else {
+        vec![fetch::select(&listing, which).map_err(failed)?]
+    };
+    let tmp = tempdir_in(&cfg.backup.spool_dir)?;
+    let mut results = Vec::new();
+    let mut bad = 0;
+    for m in chosen {
+        let dest = tmp.join(format!("{}.db", m.id));
+        let r = fetch::fetch_to_file(&store, m, &dest).await;
+        let _ = std::fs::remove_file(&dest);
+        match r {
+            Ok(rep) => {
+                if !json {
+                    println!(
+                        "{}: OK (revision {}, {} live keys, hash {}, {})",
+                        m.id,
+                        rep.verify.revision,
+                        rep.verify.live_keys,
+                        rep.verify.hash,
+                        human_bytes(m.size)
+                    );
+                }
+                results.push(serde_json::json!({"id": m.id, "ok": true, "revision": rep.verify.revision, "hash": rep.verify.hash, "live_keys": rep.verify.live_keys}));
+            }
+            Err(e) => {
+                bad += 1;
+                if !json {
+                    println!("{}: FAILED: {e}", m.id);
+                }
+                results.push(serde_json::json!({"id": m.id, "ok": false, "error": e.to_string()}));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).map_err(failed)?
+        );
+    }
+    if bad > 0 {
+        return Err(failed(format!(
+            "{bad} of {} backups failed verification",
+            results.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A private scratch directory under the spool directory.
+fn tempdir_in(spool: &std::path::Path) -> Result<std::path::PathBuf, CommandError> {
+    let dir = spool.join(format!("verify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        failed(format!(
+            "cannot create {}: {e}; check backup.spool_dir",
+            dir.display()
+        ))
+    })?;
+    Ok(dir)
+}
+
+async fn restore(
+    cfg: &Config,
+    which: &str,
+    output: &std::path::Path,
+    data_dir: Option<&std::path::Path>,
+    name: Option<String>,
+) -> Result<(), CommandError> {
+    if let Some(d) = data_dir {
+        if d.exists() {
+            return Err(failed(format!(
+                "{}: already exists; restore never overwrites a data directory",
+                d.display()
+            )));
+        }
+    }
+    let store = open_store(cfg)?;
+    let listing = store.list().await.map_err(failed)?;
+    let m = fetch::select(&listing, which).map_err(failed)?;
+    let rep = fetch::fetch_to_file(&store, m, output)
+        .await
+        .map_err(failed)?;
+    let out = output.display();
+    println!(
+        "restored backup {} (revision {}, {} live keys, taken {}) to {out}; sha256 and snapshot structure verified",
+        m.id,
+        rep.verify.revision,
+        rep.verify.live_keys,
+        m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    println!();
+    println!("To restore a single-member cluster (on the node, with etcd stopped):");
+    println!("  etcdutl snapshot restore {out} \\\n    --name NODE --data-dir /var/lib/etcd-restored \\\n    --initial-cluster NODE=https://NODE_IP:2380 \\\n    --initial-advertise-peer-urls https://NODE_IP:2380");
+    println!();
+    println!("To restore a 3-member cluster, run on each member i (1..3) with the same file:");
+    println!("  etcdutl snapshot restore {out} \\\n    --name NODE_i --data-dir /var/lib/etcd-restored \\\n    --initial-cluster NODE_1=https://IP_1:2380,NODE_2=https://IP_2:2380,NODE_3=https://IP_3:2380 \\\n    --initial-cluster-token etcd-cluster-restored \\\n    --initial-advertise-peer-urls https://IP_i:2380");
+    if let Some(d) = data_dir {
+        let name = name.unwrap_or_else(crate::cycle::hostname);
+        let status = tokio::process::Command::new("etcdutl")
+            .arg("snapshot")
+            .arg("restore")
+            .arg(output)
+            .arg("--data-dir")
+            .arg(d)
+            .arg("--name")
+            .arg(&name)
+            .status()
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "cannot run etcdutl: {e}; install etcdutl (it ships with etcd 3.5+) or restore by hand with the commands above"
+                ))
+            })?;
+        if !status.success() {
+            return Err(failed(format!(
+                "etcdutl snapshot restore failed ({status})"
+            )));
+        }
+        println!();
+        println!("etcdutl restored member {name:?} into {}", d.display());
+    }
+    Ok(())
+}
+
+/// Sizes for people: 1023 B, 1.5 KiB, 139.2 MiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(139 * 1024 * 1024 + 200 * 1024), "139.2 MiB");
+    }
+
+    #[test]
+    fn list_json_uses_the_stable_field_names() {
+        let m = crate::manifest::sample("20260102T030405Z-0a1b2c", chrono::Utc::now());
+        let v = serde_json::to_value(ListEntry::from(&m)).unwrap();
+        for k in [
+            "id",
+            "time",
+            "revision",
+            "size",
+            "stored_size",
+            "sha256",
+            "compression",
+            "etcd_version",
+            "cluster_id",
+            "member",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["compression"], "zstd");
+        assert_eq!(v["revision"], 42);
+    }
+}

@@ -1,0 +1,1043 @@
+//! Configuration: parsed once, validated once, then handed around as typed values.
+//!
+//! Sources, later ones winning: the built-in defaults, the TOML file given with `--config`,
+//! then environment variables `ETCD_BACKUP_<SECTION>__<KEY>` (for example
+//! `ETCD_BACKUP_STORAGE__SECRET_ACCESS_KEY`). Every problem found is reported in one pass,
+//! each with the file and the key it concerns, so an operator fixes them all at once.
+//!
+//! The raw serde mirror (`raw`) rejects unknown keys; [`Config::load`] converts it into
+//! [`Config`], which holds `Duration`s, a parsed cron schedule, a parsed storage URL and
+//! [`Secret`]s.
+
+pub mod secret;
+
+use crate::compress::Compression;
+use crate::schedule::Schedule;
+use chrono_tz::Tz;
+pub use secret::Secret;
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The prefix of environment variables that override the file.
+pub const ENV_PREFIX: &str = "ETCD_BACKUP";
+
+/// Default kubeadm PKI paths for the etcd client certificate.
+pub const KUBEADM_CA: &str = "/etc/kubernetes/pki/etcd/ca.crt";
+/// kubeadm's client certificate meant for health checks; it is accepted by etcd for the
+/// maintenance API (snapshot, status) that backups use.
+pub const KUBEADM_CERT: &str = "/etc/kubernetes/pki/etcd/healthcheck-client.crt";
+/// The key of [`KUBEADM_CERT`].
+pub const KUBEADM_KEY: &str = "/etc/kubernetes/pki/etcd/healthcheck-client.key";
+
+/// One problem in the configuration: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `storage.url`; empty when the problem is the file itself.
+    pub key: String,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file that was loaded.
+    pub file: PathBuf,
+    /// The problems, in key order.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration in {}:", self.file.display())?;
+        for p in &self.problems {
+            if p.key.is_empty() {
+                write!(f, "\n  - {}", p.message)?;
+            } else {
+                write!(f, "\n  - {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// `[etcd]`
+    pub etcd: EtcdConfig,
+    /// `[storage]`
+    pub storage: StorageConfig,
+    /// `[backup]`
+    pub backup: BackupConfig,
+    /// `[schedule]`
+    pub schedule: ScheduleConfig,
+    /// `[retention]`
+    pub retention: RetentionConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
+    /// The file this was loaded from.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdConfig {
+    /// Client URLs; the first is the local member that snapshots are taken from.
+    pub endpoints: Vec<String>,
+    /// TLS material, used when the endpoints are `https://`.
+    pub tls: Option<TlsFiles>,
+    /// etcd user name when etcd's own authentication is enabled.
+    pub username: Option<String>,
+    /// Password of `username`.
+    pub password: Option<Secret>,
+    /// Time allowed to establish a connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub dial_timeout: Duration,
+    /// Time allowed for one unary request (status, member list).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+/// Paths of the CA certificate and the client certificate and key.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsFiles {
+    /// CA that signed the etcd server certificates.
+    pub ca_file: PathBuf,
+    /// Client certificate (optional when etcd does not require client certificates).
+    pub cert_file: Option<PathBuf>,
+    /// Key of the client certificate.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Where backups are stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageConfig {
+    /// `s3://BUCKET/PREFIX` or `file:///DIR`.
+    pub url: StorageUrl,
+    /// S3 endpoint URL for S3-compatible services (MinIO, Ceph, Garage, ...).
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: String,
+    /// Path-style requests (`endpoint/bucket/key`) instead of virtual-hosted style.
+    pub path_style: bool,
+    /// Access key; when unset the standard `AWS_*` variables or the instance profile are used.
+    pub access_key_id: Option<String>,
+    /// Secret key belonging to `access_key_id`.
+    pub secret_access_key: Option<Secret>,
+    /// Session token for temporary credentials.
+    pub session_token: Option<Secret>,
+    /// S3 storage class of the uploaded snapshots (e.g. `STANDARD_IA`).
+    pub storage_class: Option<String>,
+}
+
+/// A parsed `storage.url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StorageUrl {
+    /// An S3 bucket and a key prefix (without leading or trailing slashes; may be empty).
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix inside the bucket.
+        prefix: String,
+    },
+    /// A local (or NFS-mounted) directory.
+    File {
+        /// Absolute directory path.
+        dir: PathBuf,
+    },
+}
+
+impl fmt::Display for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StorageUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StorageUrl::File { dir } => write!(f, "file://{}", dir.display()),
+        }
+    }
+}
+
+/// How each backup is made.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupConfig {
+    /// Name of the cluster; backups are stored under `PREFIX/CLUSTER_NAME/`.
+    pub cluster_name: String,
+    /// Compression of the stored object.
+    pub compression: Compression,
+    /// Compression level (zstd 1..=19, gzip 1..=9); `None` means the codec's default.
+    pub compression_level: Option<i32>,
+    /// Directory for the temporary copy of the snapshot that is verified before commit.
+    pub spool_dir: PathBuf,
+    /// Upper bound for a whole cycle (snapshot, verify, upload, commit).
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+/// When the daemon runs cycles.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleConfig {
+    /// The cron expression as written.
+    pub cron: String,
+    /// Timezone the expression is evaluated in.
+    #[serde(serialize_with = "ser_tz")]
+    pub timezone: Tz,
+    /// The parsed schedule.
+    #[serde(skip)]
+    pub parsed: Schedule,
+}
+
+/// The HTTP endpoints and how often the values behind them are refreshed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub listen: std::net::SocketAddr,
+    /// How often the local member's status (DB size) is read.
+    #[serde(with = "humantime_serde_compat")]
+    pub refresh_interval: Duration,
+    /// How often the store is listed for the newest backup (last-success time).
+    #[serde(with = "humantime_serde_compat")]
+    pub store_refresh_interval: Duration,
+}
+
+/// Default `[metrics] listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9479";
+
+/// Which backups pruning keeps (see `retention` for the rules).
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionConfig {
+    /// Keep the N newest backups.
+    pub keep_last: u32,
+    /// Keep the newest backup of each of the last N hours that have backups.
+    pub keep_hourly: u32,
+    /// Keep the newest backup of each of the last N days that have backups.
+    pub keep_daily: u32,
+    /// Keep the newest backup of each of the last N ISO weeks that have backups.
+    pub keep_weekly: u32,
+    /// Keep the newest backup of each of the last N months that have backups.
+    pub keep_monthly: u32,
+    /// Backups older than this, and kept by no rule, are deleted.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub max_age: Option<Duration>,
+    /// At least this many backups always remain.
+    pub min_keep: u32,
+    /// One prune deletes at most this many backups.
+    pub max_delete_per_run: u32,
+}
+
+impl RetentionConfig {
+    /// The policy, with periods evaluated in `tz`.
+    pub fn policy(&self, tz: Tz) -> crate::retention::RetentionPolicy {
+        crate::retention::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            max_age: self.max_age,
+            min_keep: self.min_keep,
+            max_delete_per_run: self.max_delete_per_run,
+            timezone: tz,
+        }
+    }
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_str("none"),
+    }
+}
+
+fn ser_tz<S: serde::Serializer>(tz: &Tz, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(tz.name())
+}
+
+/// Serializes durations the way they are written in the file ("30s", "6h").
+mod humantime_serde_compat {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod raw {
+    //! The serde mirror of the TOML file. Every field is optional here so that defaults
+    //! and "was it set?" are decided in one place, in `Config::from_raw`.
+    use super::Secret;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Raw {
+        pub etcd: Etcd,
+        pub storage: Storage,
+        pub backup: Backup,
+        pub schedule: Schedule,
+        pub retention: Retention,
+        pub metrics: Metrics,
+        pub election: Option<toml::Value>,
+        pub encryption: Option<toml::Value>,
+        pub drill: Option<toml::Value>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Etcd {
+        #[serde(deserialize_with = "list_or_csv")]
+        pub endpoints: Option<Vec<String>>,
+        pub ca_file: Option<String>,
+        pub cert_file: Option<String>,
+        pub key_file: Option<String>,
+        pub username: Option<String>,
+        pub password: Option<Secret>,
+        pub dial_timeout: Option<String>,
+        pub request_timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Storage {
+        pub url: Option<String>,
+        pub endpoint: Option<String>,
+        pub region: Option<String>,
+        pub path_style: Option<bool>,
+        pub access_key_id: Option<String>,
+        pub secret_access_key: Option<Secret>,
+        pub session_token: Option<Secret>,
+        pub storage_class: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Backup {
+        pub cluster_name: Option<String>,
+        pub compression: Option<String>,
+        pub compression_level: Option<i32>,
+        pub spool_dir: Option<String>,
+        pub timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Metrics {
+        pub listen: Option<String>,
+        pub refresh_interval: Option<String>,
+        pub store_refresh_interval: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Retention {
+        pub keep_last: Option<u32>,
+        pub keep_hourly: Option<u32>,
+        pub keep_daily: Option<u32>,
+        pub keep_weekly: Option<u32>,
+        pub keep_monthly: Option<u32>,
+        pub max_age: Option<String>,
+        pub min_keep: Option<u32>,
+        pub max_delete_per_run: Option<u32>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Schedule {
+        pub cron: Option<String>,
+        pub timezone: Option<String>,
+    }
+
+    /// Accepts a TOML array or, from the environment, a comma-separated string.
+    fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum ListOrCsv {
+            List(Vec<String>),
+            Csv(String),
+        }
+        Ok(match Option::<ListOrCsv>::deserialize(d)? {
+            None => None,
+            Some(ListOrCsv::List(v)) => Some(v),
+            Some(ListOrCsv::Csv(s)) => Some(
+                s.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+            ),
+        })
+    }
+}
+
+/// Collects problems while converting the raw file.
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        let text = value.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(key, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                self.push(
+                    key,
+                    format!("{text:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"6h\" or \"30d\""),
+                );
+                Duration::from_secs(1)
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `ETCD_BACKUP_*` environment overrides and validates the result.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] listing every problem with its key, when the file cannot be read or
+    /// parsed, or any value is invalid.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests); `None`
+    /// reads the process environment.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let fail = |key: &str, message: String| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![ConfigProblem {
+                key: key.to_string(),
+                message,
+            }],
+        };
+        if !path.exists() {
+            return Err(fail(
+                "",
+                "the file does not exist; create it (config.example.toml documents every key) or pass --config PATH".to_string(),
+            ));
+        }
+        let mut envsrc = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .ignore_empty(true);
+        if let Some(env) = env {
+            envsrc = envsrc.source(Some(env.into_iter().collect()));
+        }
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(envsrc)
+            .build()
+            .map_err(|e| fail("", clean_config_error(&e.to_string(), path)))?;
+        let raw: raw::Raw = built
+            .try_deserialize()
+            .map_err(|e| fail("", clean_config_error(&e.to_string(), path)))?;
+        Self::from_raw(raw, path)
+    }
+
+    fn from_raw(raw: raw::Raw, path: &Path) -> Result<Config, ConfigError> {
+        let mut p = Problems(Vec::new());
+        for (name, present) in [
+            ("election", raw.election.is_some()),
+            ("encryption", raw.encryption.is_some()),
+            ("drill", raw.drill.is_some()),
+        ] {
+            if present {
+                p.push(
+                    name,
+                    format!(
+                        "the [{name}] section is not supported by etcd-backup {}; remove it",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                );
+            }
+        }
+
+        let etcd = Self::etcd_from_raw(raw.etcd, &mut p);
+        let storage = Self::storage_from_raw(raw.storage, &mut p);
+        let backup = Self::backup_from_raw(raw.backup, &mut p);
+        let schedule = Self::schedule_from_raw(raw.schedule, &mut p);
+        let retention = Self::retention_from_raw(raw.retention, &mut p);
+        let metrics = Self::metrics_from_raw(raw.metrics, &mut p);
+
+        if p.0.is_empty() {
+            Ok(Config {
+                etcd,
+                storage,
+                backup,
+                schedule,
+                retention,
+                metrics,
+                source: path.to_path_buf(),
+            })
+        } else {
+            Err(ConfigError {
+                file: path.to_path_buf(),
+                problems: p.0,
+            })
+        }
+    }
+
+    fn etcd_from_raw(r: raw::Etcd, p: &mut Problems) -> EtcdConfig {
+        let endpoints = r
+            .endpoints
+            .unwrap_or_else(|| vec!["https://127.0.0.1:2379".to_string()]);
+        if endpoints.is_empty() {
+            p.push(
+                "etcd.endpoints",
+                "must list at least one client URL, e.g. [\"https://127.0.0.1:2379\"]",
+            );
+        }
+        let mut https = 0;
+        for e in &endpoints {
+            match url::Url::parse(e) {
+                Ok(u) if u.scheme() == "https" => https += 1,
+                Ok(u) if u.scheme() == "http" => {}
+                Ok(_) | Err(_) => p.push(
+                    "etcd.endpoints",
+                    format!("{e:?} is not an http:// or https:// URL (write e.g. \"https://127.0.0.1:2379\")"),
+                ),
+            }
+        }
+        if https != 0 && https != endpoints.len() {
+            p.push(
+                "etcd.endpoints",
+                "mixes http:// and https:// URLs; use one scheme for all members",
+            );
+        }
+        let tls = if https > 0 {
+            let ca = r.ca_file.unwrap_or_else(|| KUBEADM_CA.to_string());
+            let cert = r.cert_file.unwrap_or_else(|| KUBEADM_CERT.to_string());
+            let key = r.key_file.unwrap_or_else(|| KUBEADM_KEY.to_string());
+            let opt = |s: String| (!s.is_empty()).then(|| PathBuf::from(s));
+            let files = TlsFiles {
+                ca_file: PathBuf::from(&ca),
+                cert_file: opt(cert),
+                key_file: opt(key),
+            };
+            if ca.is_empty() {
+                p.push("etcd.ca_file", "must name the CA certificate of the etcd servers when the endpoints are https://");
+            }
+            if files.cert_file.is_some() != files.key_file.is_some() {
+                p.push("etcd.cert_file", "cert_file and key_file must be set together (or both set to \"\" for no client certificate)");
+            }
+            Some(files)
+        } else {
+            None
+        };
+        if r.password.is_some() && r.username.is_none() {
+            p.push("etcd.password", "is set but etcd.username is not");
+        }
+        if r.username.is_some() && r.password.is_none() {
+            p.push("etcd.username", "is set but etcd.password is not");
+        }
+        EtcdConfig {
+            endpoints,
+            tls,
+            username: r.username,
+            password: r.password,
+            dial_timeout: p.duration("etcd.dial_timeout", r.dial_timeout.as_deref(), "5s"),
+            request_timeout: p.duration(
+                "etcd.request_timeout",
+                r.request_timeout.as_deref(),
+                "30s",
+            ),
+        }
+    }
+
+    fn storage_from_raw(r: raw::Storage, p: &mut Problems) -> StorageConfig {
+        let url_text = r
+            .url
+            .unwrap_or_else(|| "file:///var/lib/etcd-backup/backups".to_string());
+        let url = match parse_storage_url(&url_text) {
+            Ok(u) => u,
+            Err(msg) => {
+                p.push("storage.url", msg);
+                StorageUrl::File {
+                    dir: PathBuf::from("/"),
+                }
+            }
+        };
+        if let Some(ep) = &r.endpoint {
+            match url::Url::parse(ep) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => p.push(
+                    "storage.endpoint",
+                    format!("{ep:?} is not an http:// or https:// URL"),
+                ),
+            }
+        }
+        if r.access_key_id.is_some() != r.secret_access_key.is_some() {
+            p.push(
+                "storage.access_key_id",
+                "access_key_id and secret_access_key must be set together (or neither, to use AWS_* variables or the instance profile)",
+            );
+        }
+        if let StorageUrl::File { .. } = url {
+            for (k, set) in [
+                ("storage.endpoint", r.endpoint.is_some()),
+                ("storage.access_key_id", r.access_key_id.is_some()),
+                ("storage.storage_class", r.storage_class.is_some()),
+            ] {
+                if set {
+                    p.push(
+                        k,
+                        "only applies to s3:// URLs, but storage.url is a file:// URL",
+                    );
+                }
+            }
+        }
+        if let Some(sc) = &r.storage_class {
+            if sc.is_empty() || !sc.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                p.push(
+                    "storage.storage_class",
+                    format!(
+                        "{sc:?} is not an S3 storage class (e.g. \"STANDARD\", \"STANDARD_IA\")"
+                    ),
+                );
+            }
+        }
+        let path_style = r.path_style.unwrap_or(r.endpoint.is_some());
+        StorageConfig {
+            url,
+            region: r.region.unwrap_or_else(|| "us-east-1".to_string()),
+            path_style,
+            endpoint: r.endpoint,
+            access_key_id: r.access_key_id,
+            secret_access_key: r.secret_access_key,
+            session_token: r.session_token,
+            storage_class: r.storage_class,
+        }
+    }
+
+    fn backup_from_raw(r: raw::Backup, p: &mut Problems) -> BackupConfig {
+        let cluster_name = r.cluster_name.unwrap_or_else(|| "kubernetes".to_string());
+        if !crate::naming::is_valid_cluster_name(&cluster_name) {
+            p.push(
+                "backup.cluster_name",
+                format!("{cluster_name:?} must be 1-63 characters of a-z, A-Z, 0-9, '-', '_' or '.' (it becomes part of object names)"),
+            );
+        }
+        let compression = match r
+            .compression
+            .as_deref()
+            .unwrap_or("zstd")
+            .parse::<Compression>()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                p.push("backup.compression", e);
+                Compression::Zstd
+            }
+        };
+        if let Some(level) = r.compression_level {
+            if let Err(e) = compression.check_level(level) {
+                p.push("backup.compression_level", e);
+            }
+        }
+        let spool_dir = PathBuf::from(
+            r.spool_dir
+                .unwrap_or_else(|| "/var/lib/etcd-backup/spool".to_string()),
+        );
+        if !spool_dir.is_absolute() {
+            p.push("backup.spool_dir", "must be an absolute path");
+        }
+        BackupConfig {
+            cluster_name,
+            compression,
+            compression_level: r.compression_level,
+            spool_dir,
+            timeout: p.duration("backup.timeout", r.timeout.as_deref(), "30m"),
+        }
+    }
+
+    fn metrics_from_raw(r: raw::Metrics, p: &mut Problems) -> MetricsConfig {
+        let text = r
+            .listen
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        let listen = text.parse().unwrap_or_else(|_| {
+            p.push(
+                "metrics.listen",
+                format!("{text:?} is not an address with a port, e.g. \"127.0.0.1:9479\" or \"0.0.0.0:9479\""),
+            );
+            DEFAULT_METRICS_LISTEN.parse().expect("default address parses")
+        });
+        MetricsConfig {
+            listen,
+            refresh_interval: p.duration(
+                "metrics.refresh_interval",
+                r.refresh_interval.as_deref(),
+                "15s",
+            ),
+            store_refresh_interval: p.duration(
+                "metrics.store_refresh_interval",
+                r.store_refresh_interval.as_deref(),
+                "60s",
+            ),
+        }
+    }
+
+    fn retention_from_raw(r: raw::Retention, p: &mut Problems) -> RetentionConfig {
+        let max_age = r
+            .max_age
+            .as_deref()
+            .map(|t| p.duration("retention.max_age", Some(t), "30d"));
+        let min_keep = r.min_keep.unwrap_or(3);
+        if min_keep == 0 {
+            p.push(
+                "retention.min_keep",
+                "must be at least 1: the newest backup is always kept",
+            );
+        }
+        let max_delete_per_run = r.max_delete_per_run.unwrap_or(100);
+        if max_delete_per_run == 0 {
+            p.push("retention.max_delete_per_run", "must be at least 1 (to keep everything, set every keep_* to 0 and leave max_age unset)");
+        }
+        RetentionConfig {
+            keep_last: r.keep_last.unwrap_or(10),
+            keep_hourly: r.keep_hourly.unwrap_or(0),
+            keep_daily: r.keep_daily.unwrap_or(0),
+            keep_weekly: r.keep_weekly.unwrap_or(0),
+            keep_monthly: r.keep_monthly.unwrap_or(0),
+            max_age,
+            min_keep,
+            max_delete_per_run,
+        }
+    }
+
+    fn schedule_from_raw(r: raw::Schedule, p: &mut Problems) -> ScheduleConfig {
+        let tz_text = r.timezone.unwrap_or_else(|| "UTC".to_string());
+        let timezone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
+            p.push(
+                "schedule.timezone",
+                format!(
+                    "{tz_text:?} is not an IANA timezone name (e.g. \"UTC\", \"Europe/Berlin\")"
+                ),
+            );
+            Tz::UTC
+        });
+        let cron = r.cron.unwrap_or_else(|| "0 */6 * * *".to_string());
+        let parsed = match Schedule::parse(&cron, timezone) {
+            Ok(s) => s,
+            Err(e) => {
+                p.push("schedule.cron", e);
+                Schedule::parse("0 0 * * *", Tz::UTC).expect("built-in schedule parses")
+            }
+        };
+        ScheduleConfig {
+            cron,
+            timezone,
+            parsed,
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct View<'a> {
+            etcd: EtcdView<'a>,
+            storage: StorageView<'a>,
+            backup: &'a BackupConfig,
+            schedule: &'a ScheduleConfig,
+            retention: &'a RetentionConfig,
+            metrics: &'a MetricsConfig,
+        }
+        #[derive(Serialize)]
+        struct EtcdView<'a> {
+            endpoints: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ca_file: Option<&'a Path>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            cert_file: Option<&'a Path>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key_file: Option<&'a Path>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            username: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            password: Option<&'a Secret>,
+            dial_timeout: String,
+            request_timeout: String,
+        }
+        #[derive(Serialize)]
+        struct StorageView<'a> {
+            url: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            endpoint: Option<&'a str>,
+            region: &'a str,
+            path_style: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            access_key_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            secret_access_key: Option<&'a Secret>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            session_token: Option<&'a Secret>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            storage_class: Option<&'a str>,
+        }
+        let tls = self.etcd.tls.as_ref();
+        let view = View {
+            etcd: EtcdView {
+                endpoints: &self.etcd.endpoints,
+                ca_file: tls.map(|t| t.ca_file.as_path()),
+                cert_file: tls.and_then(|t| t.cert_file.as_deref()),
+                key_file: tls.and_then(|t| t.key_file.as_deref()),
+                username: self.etcd.username.as_deref(),
+                password: self.etcd.password.as_ref(),
+                dial_timeout: humantime::format_duration(self.etcd.dial_timeout).to_string(),
+                request_timeout: humantime::format_duration(self.etcd.request_timeout).to_string(),
+            },
+            storage: StorageView {
+                url: self.storage.url.to_string(),
+                endpoint: self.storage.endpoint.as_deref(),
+                region: &self.storage.region,
+                path_style: self.storage.path_style,
+                access_key_id: self.storage.access_key_id.as_deref(),
+                secret_access_key: self.storage.secret_access_key.as_ref(),
+                session_token: self.storage.session_token.as_ref(),
+                storage_class: self.storage.storage_class.as_deref(),
+            },
+            backup: &self.backup,
+            schedule: &self.schedule,
+            retention: &self.retention,
+            metrics: &self.metrics,
+        };
+        toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Parses `s3://BUCKET[/PREFIX]` or `file:///ABSOLUTE/DIR`.
+///
+/// # Errors
+/// A message saying what form is expected.
+pub fn parse_storage_url(text: &str) -> Result<StorageUrl, String> {
+    let u = url::Url::parse(text).map_err(|e| {
+        format!("{text:?} is not a URL ({e}); write \"s3://BUCKET/PREFIX\" or \"file:///DIR\"")
+    })?;
+    match u.scheme() {
+        "s3" => {
+            let bucket = u.host_str().unwrap_or_default().to_string();
+            if bucket.is_empty() {
+                return Err(format!("{text:?} names no bucket; write \"s3://BUCKET/PREFIX\""));
+            }
+            let prefix = u.path().trim_matches('/').to_string();
+            if prefix.split('/').any(|seg| seg == "." || seg == "..") || prefix.contains("//") {
+                return Err(format!("{text:?}: the prefix must not contain empty, '.' or '..' segments"));
+            }
+            Ok(StorageUrl::S3 { bucket, prefix })
+        }
+        "file" => {
+            if u.host_str().is_some_and(|h| !h.is_empty()) {
+                return Err(format!(
+                    "{text:?} has a host part; a local directory is written with three slashes: \"file:///var/lib/etcd-backup/backups\""
+                ));
+            }
+            let dir = u
+                .to_file_path()
+                .map_err(|()| format!("{text:?} is not a local directory path"))?;
+            Ok(StorageUrl::File { dir })
+        }
+        other => Err(format!(
+            "unsupported scheme {other:?} in {text:?}; use \"s3://BUCKET/PREFIX\" or \"file:///DIR\""
+        )),
+    }
+}
+
+/// Makes the config crate's messages read well: they quote the file path already, and
+/// "missing field" cannot happen because every raw field is optional.
+fn clean_config_error(msg: &str, path: &Path) -> String {
+    let mut m = msg.to_string();
+    if !m.contains(&*path.to_string_lossy()) && !m.contains("environment") {
+        m = format!("{m} (in {})", path.display());
+    }
+    if m.contains("unknown field") {
+        m.push_str("; check the spelling against config.example.toml");
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(toml_text.as_bytes()).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        Config::load_with_env(f.path(), Some(env))
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.etcd.endpoints, vec!["https://127.0.0.1:2379"]);
+        let tls = c.etcd.tls.as_ref().unwrap();
+        assert_eq!(tls.ca_file, PathBuf::from(KUBEADM_CA));
+        assert_eq!(c.backup.cluster_name, "kubernetes");
+        assert_eq!(c.backup.compression, Compression::Zstd);
+        assert_eq!(c.backup.timeout, Duration::from_secs(1800));
+        assert_eq!(
+            c.storage.url,
+            StorageUrl::File {
+                dir: PathBuf::from("/var/lib/etcd-backup/backups")
+            }
+        );
+        assert!(!c.storage.path_style);
+        assert_eq!(c.schedule.cron, "0 */6 * * *");
+    }
+
+    #[test]
+    fn env_overrides_file_including_lists() {
+        let c = load_str(
+            "[storage]\nurl = \"s3://bucket/a/b\"\nendpoint = \"http://127.0.0.1:3900\"\n",
+            &[
+                (
+                    "ETCD_BACKUP_ETCD__ENDPOINTS",
+                    "http://127.0.0.1:1,http://127.0.0.1:2",
+                ),
+                ("ETCD_BACKUP_STORAGE__SECRET_ACCESS_KEY", "s3cr3t"),
+                ("ETCD_BACKUP_STORAGE__ACCESS_KEY_ID", "GK1"),
+                ("ETCD_BACKUP_BACKUP__COMPRESSION_LEVEL", "5"),
+                ("OTHER_VAR", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.etcd.endpoints,
+            vec!["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+        assert!(c.etcd.tls.is_none());
+        assert_eq!(
+            c.storage.secret_access_key.as_ref().unwrap().expose(),
+            "s3cr3t"
+        );
+        assert_eq!(c.backup.compression_level, Some(5));
+        assert!(
+            c.storage.path_style,
+            "custom endpoints default to path-style"
+        );
+        assert_eq!(
+            c.storage.url,
+            StorageUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = load_str(
+            "[etcd]\nendpoints = [\"ftp://x\"]\ndial_timeout = \"soon\"\n[backup]\ncompression = \"lz4\"\ncluster_name = \"a/b\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[retention]\nmin_keep = 0\n[election]\nttl = 3\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "etcd.endpoints",
+            "etcd.dial_timeout",
+            "backup.compression",
+            "backup.cluster_name",
+            "schedule.cron",
+            "schedule.timezone",
+            "retention.min_keep",
+            "election",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("invalid configuration in"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_the_key() {
+        let err = load_str("[storage]\nulr = \"s3://b\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("ulr"), "{err}");
+        let err = load_str("[backup]\ncompression_level = \"high\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("compression_level"), "{err}");
+        let err = load_str("[storage\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("invalid configuration"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_says_what_to_do() {
+        let err = Config::load(Path::new("/nonexistent/etcd-backup.toml")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_check_config_output() {
+        let c = load_str(
+            "[etcd]\nendpoints=[\"http://127.0.0.1:2379\"]\nusername=\"root\"\npassword=\"etcdpass-123\"\n[storage]\nurl=\"s3://b/p\"\naccess_key_id=\"GKabc\"\nsecret_access_key=\"s3-secret-xyz\"\n",
+            &[],
+        )
+        .unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("etcdpass-123"), "{out}");
+        assert!(!out.contains("s3-secret-xyz"), "{out}");
+        assert!(out.contains(secret::REDACTED), "{out}");
+        assert!(
+            out.contains("GKabc"),
+            "access key ids are not secret: {out}"
+        );
+        assert!(!format!("{c:?}").contains("s3-secret-xyz"));
+    }
+
+    #[test]
+    fn storage_urls() {
+        assert_eq!(
+            parse_storage_url("s3://bkt").unwrap(),
+            StorageUrl::S3 {
+                bucket: "bkt".into(),
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            parse_storage_url("file:///srv/backups/").unwrap(),
+            StorageUrl::File {
+                dir: PathBuf::from("/srv/backups/")
+            }
+        );
+        assert!(parse_storage_url("file://host/dir").is_err());
+        assert!(parse_storage_url("gs://bkt").is_err());
+        assert!(parse_storage_url("s3:///nobucket").is_err());
+        assert!(parse_storage_url("s3://b/a//c").is_err());
+        // Dot segments are resolved by URL parsing, so they cannot escape the bucket.
+        assert_eq!(
+            parse_storage_url("s3://b/p/../x").unwrap(),
+            StorageUrl::S3 {
+                bucket: "b".into(),
+                prefix: "x".into()
+            }
+        );
+        assert!(parse_storage_url("relative/dir").is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let c = Config::load_with_env(&path, Some(HashMap::new()))
+            .unwrap_or_else(|e| panic!("config.example.toml: {e}"));
+        assert_eq!(c.backup.compression, Compression::Zstd);
+    }
+}

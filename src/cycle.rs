@@ -1,0 +1,309 @@
+//! One backup cycle, as ordered stages:
+//!
+//! 1. **snapshot**: connect to the one local member, read its status (revision, DB size),
+//!    open the snapshot stream; chunks flow through the pipeline thread (trailer check,
+//!    spool copy, compression) to the uploader while they arrive;
+//! 2. **verify**: the trailer must match, and the spooled file must pass the bbolt/etcd
+//!    verifier, with a revision not lower than the one observed before the snapshot;
+//! 3. **upload**: only then is the multipart upload completed;
+//! 4. **commit**: the manifest is written last. A backup exists only once it is.
+//!
+//! Every way out before the commit — an error, the cycle timeout, cancellation — aborts the
+//! multipart upload and removes the spool file, so a failed cycle leaves nothing behind.
+
+use crate::config::Config;
+use crate::error::{CycleError, Stage};
+use crate::etcd::Member;
+use crate::manifest::{Manifest, Verification, FORMAT_VERSION};
+use crate::naming::BackupId;
+use crate::pipeline::{self, PipelineError};
+use crate::spool::SpoolFile;
+use crate::store::{BackupStore, Upload};
+use crate::systemd::Heartbeat;
+use crate::verify::{self, VerifyOptions};
+use chrono::Utc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Durations of a successful cycle's stages.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// Connect, status and the whole stream (compression and upload overlap with it).
+    pub snapshot: Duration,
+    /// The verifier pass over the spooled file.
+    pub verify: Duration,
+    /// Completing the upload (the last part).
+    pub upload: Duration,
+    /// Writing the manifest.
+    pub commit: Duration,
+}
+
+/// A committed backup.
+#[derive(Debug, Clone)]
+pub struct CycleReport {
+    /// The manifest that was written.
+    pub manifest: Manifest,
+    /// How long each stage took.
+    pub times: StageTimes,
+}
+
+/// Everything a cycle needs.
+pub struct CycleInput<'a> {
+    /// The configuration in force for this cycle.
+    pub config: &'a Config,
+    /// Where to store the backup.
+    pub store: &'a BackupStore,
+    /// The member to snapshot (the first of `etcd.endpoints` unless overridden).
+    pub endpoint: &'a str,
+    /// Cancelled on shutdown.
+    pub cancel: &'a CancellationToken,
+    /// Beaten while the cycle makes progress (feeds the systemd watchdog).
+    pub heartbeat: Option<&'a Heartbeat>,
+}
+
+/// Runs one cycle.
+///
+/// # Errors
+/// [`CycleError`] naming the stage that failed; nothing is left in the store or the spool.
+pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
+    let mut upload: Option<Upload> = None;
+    let timeout = input.config.backup.timeout;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    // The work future borrows `upload`; it is dropped at the end of this block so the
+    // upload can be aborted below.
+    let result = {
+        let work = stages(&input, &mut upload);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => break r,
+                () = input.cancel.cancelled() => break Err(CycleError::new(Stage::Snapshot, "cancelled: the daemon is shutting down")),
+                () = &mut deadline => break Err(CycleError::new(
+                    Stage::Snapshot,
+                    format!("the cycle did not finish within backup.timeout ({}); raise it for large databases or slow links", humantime::format_duration(timeout)),
+                )),
+                _ = beat.tick() => {
+                    if let Some(h) = input.heartbeat {
+                        h.beat();
+                    }
+                }
+            }
+        }
+    };
+    if let Some(up) = upload.take() {
+        let key = up.key().to_string();
+        match up.abort().await {
+            Ok(()) => tracing::info!(key = %key, "aborted the incomplete upload"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not abort the incomplete upload; it will be cleaned up by the store's lifecycle or the next prune")
+            }
+        }
+    }
+    result
+}
+
+async fn stages(
+    input: &CycleInput<'_>,
+    upload_slot: &mut Option<Upload>,
+) -> Result<CycleReport, CycleError> {
+    let cfg = input.config;
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let id = BackupId::new(started_at);
+    let snap_err = |e: &dyn std::fmt::Display| CycleError::new(Stage::Snapshot, e);
+
+    let member = Member::connect(&cfg.etcd, input.endpoint)
+        .await
+        .map_err(|e| snap_err(&e))?;
+    let status = member.status().await.map_err(|e| snap_err(&e))?;
+    tracing::info!(
+        endpoint = %input.endpoint,
+        member = %status.member_name,
+        version = %status.version,
+        revision = status.revision,
+        db_size = status.db_size,
+        "connected to etcd"
+    );
+
+    let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
+        .map_err(|e| {
+            snap_err(&format!(
+                "cannot create a spool file in {}: {e}; check backup.spool_dir exists and is writable",
+                cfg.backup.spool_dir.display()
+            ))
+        })?;
+
+    let data_key = input
+        .store
+        .layout()
+        .data_key(&id, cfg.backup.compression.suffix());
+    let upload = upload_slot.insert(
+        input
+            .store
+            .begin_upload(&data_key)
+            .await
+            .map_err(|e| CycleError::new(Stage::Upload, e))?,
+    );
+
+    let mut stream = member.snapshot().await.map_err(|e| snap_err(&e))?;
+    let (raw_tx, raw_rx) = mpsc::channel(pipeline::RAW_QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<bytes::Bytes>(pipeline::OUT_QUEUE);
+    let spool_path = spool.path().to_path_buf();
+    let (compression, level) = (cfg.backup.compression, cfg.backup.compression_level);
+    let worker = tokio::task::spawn_blocking(move || {
+        pipeline::run(raw_rx, spool_file, &spool_path, compression, level, out_tx)
+    });
+
+    let read = async move {
+        while let Some(chunk) = stream.next_chunk().await.map_err(|e| snap_err(&e))? {
+            if raw_tx.send(chunk).await.is_err() {
+                // The pipeline stopped; its own error says why.
+                break;
+            }
+        }
+        Ok::<(), CycleError>(())
+    };
+    // Owns the receiver: if the upload fails, dropping it stops the pipeline thread.
+    let send = async move {
+        while let Some(chunk) = out_rx.recv().await {
+            upload
+                .put(chunk)
+                .await
+                .map_err(|e| CycleError::new(Stage::Upload, e))?;
+        }
+        Ok::<(), CycleError>(())
+    };
+    let process = async {
+        worker
+            .await
+            .map_err(|e| CycleError::new(Stage::Snapshot, format!("pipeline thread failed: {e}")))?
+            .map_err(|e| match e {
+                PipelineError::Trailer(t) => CycleError::new(Stage::Verify, t),
+                PipelineError::Spool { .. } => CycleError::new(Stage::Snapshot, e),
+                PipelineError::Compress(_) => CycleError::new(Stage::Upload, e),
+            })
+    };
+    let (read_r, send_r, process_r) = tokio::join!(read, send, process);
+    // The root cause first: a broken stream or a failed upload stops the pipeline, whose
+    // own error would only say that its input or output went away.
+    read_r?;
+    send_r?;
+    let piped = process_r?;
+    let snapshot_time = t0.elapsed();
+    tracing::info!(
+        stage = "snapshot",
+        duration_ms = snapshot_time.as_millis() as u64,
+        size = piped.raw.size,
+        stored_size = piped.stored_size,
+        "snapshot streamed, sha256 trailer verified"
+    );
+
+    let t1 = Instant::now();
+    let path = spool.path().to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        verify::verify_file(
+            &path,
+            &VerifyOptions {
+                check_trailer: false,
+            },
+        )
+    })
+    .await
+    .map_err(|e| CycleError::new(Stage::Verify, format!("verifier thread failed: {e}")))?
+    .map_err(|e| CycleError::new(Stage::Verify, e))?;
+    if report.revision < status.revision {
+        return Err(CycleError::new(
+            Stage::Verify,
+            format!(
+                "the snapshot's revision {} is lower than the member's revision {} before the snapshot started: the member served stale data; check its health and whether it is a learner or partitioned",
+                report.revision, status.revision
+            ),
+        ));
+    }
+    let verify_time = t1.elapsed();
+    tracing::info!(
+        stage = "verify",
+        duration_ms = verify_time.as_millis() as u64,
+        revision = report.revision,
+        keys = report.live_keys,
+        hash = report.hash,
+        "snapshot verified"
+    );
+    drop(spool);
+
+    let t2 = Instant::now();
+    let up = upload_slot.take().expect("upload in progress");
+    up.finish()
+        .await
+        .map_err(|e| CycleError::new(Stage::Upload, e))?;
+    let upload_time = t2.elapsed();
+    tracing::info!(stage = "upload", duration_ms = upload_time.as_millis() as u64, key = %data_key, "upload completed");
+
+    let t3 = Instant::now();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.to_string(),
+        time: started_at,
+        revision: report.revision,
+        size: piped.raw.size,
+        stored_size: piped.stored_size,
+        sha256: hex::encode(piped.raw.sha256),
+        compression: cfg.backup.compression,
+        etcd_version: status.version.clone(),
+        cluster_id: format!("{:016x}", status.cluster_id),
+        member: format!("{:016x}", status.member_id),
+        member_name: status.member_name.clone(),
+        endpoint: input.endpoint.to_string(),
+        cluster_name: cfg.backup.cluster_name.clone(),
+        object: data_key.clone(),
+        stored_sha256: hex::encode(piped.stored_sha256),
+        revision_before: status.revision,
+        db_size: status.db_size,
+        db_size_in_use: status.db_size_in_use,
+        verification: Verification {
+            hash: report.hash,
+            total_key_entries: report.total_key_entries,
+            live_keys: report.live_keys,
+            page_size: report.page_size,
+            consistent_index: report.consistent_index,
+        },
+        started_at,
+        finished_at: Utc::now(),
+        node: hostname(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    if let Err(e) = input.store.put_manifest(&id, &manifest).await {
+        // The data object is complete but uncommitted: remove it so nothing half-done stays.
+        if let Err(de) = input.store.delete(&data_key).await {
+            tracing::warn!(error = %de, key = %data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
+        }
+        return Err(CycleError::new(Stage::Commit, e));
+    }
+    let commit_time = t3.elapsed();
+    tracing::info!(stage = "commit", duration_ms = commit_time.as_millis() as u64, id = %id, "manifest written; backup committed");
+    Ok(CycleReport {
+        manifest,
+        times: StageTimes {
+            snapshot: snapshot_time,
+            verify: verify_time,
+            upload: upload_time,
+            commit: commit_time,
+        },
+    })
+}
+
+/// This node's host name, for the manifest.
+pub fn hostname() -> String {
+    let h = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_string();
+    if h.is_empty() {
+        "unknown".to_string()
+    } else {
+        h
+    }
+}

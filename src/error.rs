@@ -1,0 +1,57 @@
+//! Cycle stages and the error a failed cycle reports.
+//!
+//! The same [`Stage`] names a failure in log lines, in the exit message of the one-shot
+//! command and (later) in metrics labels, so an operator can follow one failure everywhere.
+
+use std::fmt;
+
+/// The ordered stages of a backup cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Connecting to the member, reading its status, streaming the snapshot to the spool.
+    Snapshot,
+    /// The sha256 trailer and the structural check of the snapshot.
+    Verify,
+    /// Compressing and uploading the data object.
+    Upload,
+    /// Writing the manifest.
+    Commit,
+}
+
+impl Stage {
+    /// The stage's name as it appears in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Snapshot => "snapshot",
+            Stage::Verify => "verify",
+            Stage::Upload => "upload",
+            Stage::Commit => "commit",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed cycle: which stage failed and why (the message says what to check).
+#[derive(Debug, thiserror::Error)]
+#[error("backup failed at stage {stage}: {message}")]
+pub struct CycleError {
+    /// The stage that failed.
+    pub stage: Stage,
+    /// What failed and what to check. Never contains a secret.
+    pub message: String,
+}
+
+impl CycleError {
+    /// An error at `stage`.
+    pub fn new(stage: Stage, message: impl fmt::Display) -> Self {
+        Self {
+            stage,
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The manifest: the commit marker of a backup, written after the data object is complete
+//! and verified. A backup exists if and only if its manifest exists.
+
+use crate::compress::Compression;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest and object layout written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything known about one committed backup.
+///
+/// The first fields are those `etcd-backup list --json` prints; their names are stable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout/manifest version.
+    pub format_version: u32,
+    /// Backup id (see `naming`).
+    pub id: String,
+    /// When the snapshot was requested (UTC).
+    pub time: DateTime<Utc>,
+    /// etcd revision of the snapshot (from the snapshot itself when verified).
+    pub revision: i64,
+    /// Size in bytes of the raw snapshot file, sha256 trailer included.
+    pub size: u64,
+    /// Size in bytes of the stored object.
+    pub stored_size: u64,
+    /// sha256 (hex) of the raw snapshot file, trailer included: `sha256sum` of the file
+    /// that `restore` writes.
+    pub sha256: String,
+    /// Compression of the stored object.
+    pub compression: Compression,
+    /// Version of the etcd member that served the snapshot.
+    pub etcd_version: String,
+    /// etcd cluster id (hex).
+    pub cluster_id: String,
+    /// Member id (hex) of the member that served the snapshot.
+    pub member: String,
+
+    /// Name of the member that served the snapshot.
+    pub member_name: String,
+    /// Client URL the snapshot was taken from.
+    pub endpoint: String,
+    /// Configured cluster name.
+    pub cluster_name: String,
+    /// Key of the data object, relative to the store root.
+    pub object: String,
+    /// sha256 (hex) of the stored object, to check a download before decompressing.
+    pub stored_sha256: String,
+    /// The member's revision just before the snapshot was requested.
+    pub revision_before: i64,
+    /// The member's database size (bytes) from its status before the snapshot.
+    pub db_size: i64,
+    /// The member's in-use database size (bytes) from its status before the snapshot.
+    pub db_size_in_use: i64,
+    /// Results of the snapshot verifier.
+    pub verification: Verification,
+    /// When the cycle started and finished.
+    pub started_at: DateTime<Utc>,
+    /// When the manifest was written.
+    pub finished_at: DateTime<Utc>,
+    /// Host (node) that made the backup.
+    pub node: String,
+    /// Version of etcd-backup that made the backup.
+    pub tool_version: String,
+}
+
+/// What the verifier found in the snapshot before it was committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// CRC-32C hash as `etcdutl snapshot status` computes it.
+    pub hash: u32,
+    /// Number of key/value entries in all buckets (what etcd 3.5 reports as total keys).
+    pub total_key_entries: u64,
+    /// Distinct live user keys (what etcd 3.6+ reports as total keys).
+    pub live_keys: u64,
+    /// bbolt page size.
+    pub page_size: u32,
+    /// Raft consistent index stored in the snapshot.
+    pub consistent_index: Option<u64>,
+}
+
+impl Manifest {
+    /// Serializes for storage (pretty, so operators can read it with any tool).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses a stored manifest.
+    ///
+    /// # Errors
+    /// When the bytes are not a manifest this version understands.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if m.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "manifest format {} is newer than this etcd-backup understands ({FORMAT_VERSION}); upgrade etcd-backup",
+                m.format_version
+            ));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.to_string(),
+        time,
+        revision: 42,
+        size: 20512,
+        stored_size: 3000,
+        sha256: "00".repeat(32),
+        compression: Compression::Zstd,
+        etcd_version: "3.5.1".into(),
+        cluster_id: "cdf818194e3a8c32".into(),
+        member: "8e9e05c52164694d".into(),
+        member_name: "m1".into(),
+        endpoint: "http://127.0.0.1:2379".into(),
+        cluster_name: "kubernetes".into(),
+        object: format!("kubernetes/{id}/snapshot.db.zst"),
+        stored_sha256: "11".repeat(32),
+        revision_before: 41,
+        db_size: 20480,
+        db_size_in_use: 16384,
+        verification: Verification {
+            hash: 1,
+            total_key_entries: 10,
+            live_keys: 5,
+            page_size: 4096,
+            consistent_index: Some(9),
+        },
+        started_at: time,
+        finished_at: time,
+        node: "cp1".into(),
+        tool_version: "0.1.0".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_newer_formats() {
+        let m = sample("20260102T030405Z-0a1b2c", Utc::now());
+        let back = Manifest::from_json(&m.to_json()).unwrap();
+        assert_eq!(back, m);
+        let mut newer = m.clone();
+        newer.format_version = FORMAT_VERSION + 1;
+        let err = Manifest::from_json(&newer.to_json()).unwrap_err();
+        assert!(err.contains("upgrade"), "{err}");
+        assert!(Manifest::from_json(b"{}").is_err());
+    }
+}

@@ -1,0 +1,448 @@
+//! Prometheus metrics: one typed struct, passed by `Arc`, with every series created at zero
+//! at start so alerts see them before the first event. Label values come from closed enums,
+//! never from error text. Names are final once documented in the README.
+
+use crate::error::Stage;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+/// A float gauge.
+pub type FGauge = Gauge<f64, AtomicU64>;
+
+/// Outcome label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// It worked.
+    Success,
+    /// It did not.
+    Failure,
+}
+
+/// `{result="success|failure"}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// The outcome.
+    pub result: Outcome,
+}
+
+/// Stage label values.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum StageValue {
+    /// Connect, status and streaming the snapshot.
+    Snapshot,
+    /// The verifier.
+    Verify,
+    /// Compressing and uploading.
+    Upload,
+    /// Writing the manifest.
+    Commit,
+    /// Retention.
+    Prune,
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        e.write_str(match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        })
+    }
+}
+
+impl EncodeLabelValue for StageValue {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        e.write_str(match self {
+            StageValue::Snapshot => "snapshot",
+            StageValue::Verify => "verify",
+            StageValue::Upload => "upload",
+            StageValue::Commit => "commit",
+            StageValue::Prune => "prune",
+        })
+    }
+}
+
+impl From<Stage> for StageValue {
+    fn from(s: Stage) -> Self {
+        match s {
+            Stage::Snapshot => StageValue::Snapshot,
+            Stage::Verify => StageValue::Verify,
+            Stage::Upload => StageValue::Upload,
+            Stage::Commit => StageValue::Commit,
+        }
+    }
+}
+
+/// `{stage="..."}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// The stage.
+    pub stage: StageValue,
+}
+
+/// `{version="..."}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    /// This build's version.
+    pub version: String,
+}
+
+/// Every metric the daemon exports (prefix `etcd_backup_`).
+pub struct Metrics {
+    registry: Registry,
+    /// Finish time of the newest committed backup in the store (any node's).
+    pub last_success_timestamp: FGauge,
+    /// Seconds since then; computed at scrape time.
+    pub last_success_age: FGauge,
+    /// Start time of this node's last attempted cycle.
+    pub last_attempt_timestamp: FGauge,
+    /// Cycles run by this node, by result.
+    pub cycles: Family<ResultLabels, Counter>,
+    /// Failed cycles by the stage that failed.
+    pub failures: Family<StageLabels, Counter>,
+    /// Duration of each stage.
+    pub stage_duration: Family<StageLabels, Histogram>,
+    /// Raw size of this node's last committed snapshot.
+    pub snapshot_size: Gauge,
+    /// Stored size of this node's last committed backup.
+    pub stored_size: Gauge,
+    /// Committed backups in the store.
+    pub backups_in_store: Gauge,
+    /// Backups deleted by pruning.
+    pub pruned: Counter,
+    /// 1 while this node is the snapshotter.
+    pub is_leader: Gauge,
+    /// Times this node gained or lost the snapshotter role.
+    pub leader_changes: Counter,
+    /// Size of the local member's database file.
+    pub db_size: Gauge,
+    /// Bytes in use of the local member's database.
+    pub db_size_in_use: Gauge,
+    /// The local member's backend quota, when it reports one.
+    pub db_quota: Gauge,
+    /// 1 when the last refresh reached the local member.
+    pub etcd_up: Gauge,
+    /// Longest gap between scheduled runs (for the backup-age alert).
+    pub schedule_interval: FGauge,
+    /// Configuration reloads by result.
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// Always 1, labelled with the version.
+    pub build_info: Family<VersionLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric, with every label combination at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("etcd_backup");
+        let m = Metrics {
+            registry: Registry::default(),
+            last_success_timestamp: FGauge::default(),
+            last_success_age: FGauge::default(),
+            last_attempt_timestamp: FGauge::default(),
+            cycles: Family::default(),
+            failures: Family::default(),
+            stage_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.05, 2.0, 16))
+            }),
+            snapshot_size: Gauge::default(),
+            stored_size: Gauge::default(),
+            backups_in_store: Gauge::default(),
+            pruned: Counter::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            db_size: Gauge::default(),
+            db_size_in_use: Gauge::default(),
+            db_quota: Gauge::default(),
+            etcd_up: Gauge::default(),
+            schedule_interval: FGauge::default(),
+            config_reloads: Family::default(),
+            build_info: Family::default(),
+        };
+        let r = &mut registry;
+        r.register_with_unit(
+            "last_success_timestamp",
+            "Unix time the newest committed backup of the cluster finished (from the store, any node)",
+            Unit::Seconds,
+            m.last_success_timestamp.clone(),
+        );
+        r.register_with_unit(
+            "last_success_age",
+            "Seconds since the newest committed backup of the cluster finished",
+            Unit::Seconds,
+            m.last_success_age.clone(),
+        );
+        r.register_with_unit(
+            "last_attempt_timestamp",
+            "Unix time this node last started a backup cycle",
+            Unit::Seconds,
+            m.last_attempt_timestamp.clone(),
+        );
+        r.register(
+            "cycles",
+            "Backup cycles run by this node, by result",
+            m.cycles.clone(),
+        );
+        r.register(
+            "failures",
+            "Failed backup cycles (and prunes), by the stage that failed",
+            m.failures.clone(),
+        );
+        r.register_with_unit(
+            "stage_duration",
+            "Duration of each stage of a backup cycle",
+            Unit::Seconds,
+            m.stage_duration.clone(),
+        );
+        r.register_with_unit(
+            "snapshot_size",
+            "Raw size of the last snapshot this node committed",
+            Unit::Bytes,
+            m.snapshot_size.clone(),
+        );
+        r.register_with_unit(
+            "stored_size",
+            "Stored (compressed) size of the last backup this node committed",
+            Unit::Bytes,
+            m.stored_size.clone(),
+        );
+        r.register(
+            "backups_in_store",
+            "Committed backups of the cluster in the store",
+            m.backups_in_store.clone(),
+        );
+        r.register("pruned", "Backups deleted by retention", m.pruned.clone());
+        r.register(
+            "is_leader",
+            "1 while this node is the one taking backups",
+            m.is_leader.clone(),
+        );
+        r.register(
+            "leader_changes",
+            "Times this node became or stopped being the one taking backups",
+            m.leader_changes.clone(),
+        );
+        r.register_with_unit(
+            "db_size",
+            "Size of the local etcd member's database file",
+            Unit::Bytes,
+            m.db_size.clone(),
+        );
+        r.register_with_unit(
+            "db_size_in_use",
+            "Bytes in use of the local etcd member's database",
+            Unit::Bytes,
+            m.db_size_in_use.clone(),
+        );
+        r.register_with_unit(
+            "db_quota",
+            "Backend quota of the local etcd member (0 when the member does not report it)",
+            Unit::Bytes,
+            m.db_quota.clone(),
+        );
+        r.register(
+            "etcd_up",
+            "1 when the last status refresh reached the local etcd member",
+            m.etcd_up.clone(),
+        );
+        r.register_with_unit(
+            "schedule_interval",
+            "Longest gap between two scheduled backups of the configured schedule",
+            Unit::Seconds,
+            m.schedule_interval.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "build_info",
+            "Build information: always 1, labelled with the version",
+            m.build_info.clone(),
+        );
+        for result in [Outcome::Success, Outcome::Failure] {
+            let l = ResultLabels { result };
+            let _ = m.cycles.get_or_create(&l);
+            let _ = m.config_reloads.get_or_create(&l);
+        }
+        for stage in [
+            StageValue::Snapshot,
+            StageValue::Verify,
+            StageValue::Upload,
+            StageValue::Commit,
+            StageValue::Prune,
+        ] {
+            let l = StageLabels { stage };
+            let _ = m.failures.get_or_create(&l);
+            let _ = m.stage_duration.get_or_create(&l);
+        }
+        m.build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        m.last_success_age.set(f64::NAN);
+        Metrics { registry, ..m }
+    }
+
+    /// Records a finished cycle.
+    pub fn observe_cycle(
+        &self,
+        result: &Result<crate::cycle::CycleReport, crate::error::CycleError>,
+    ) {
+        match result {
+            Ok(rep) => {
+                self.cycles
+                    .get_or_create(&ResultLabels {
+                        result: Outcome::Success,
+                    })
+                    .inc();
+                let t = &rep.times;
+                for (stage, d) in [
+                    (StageValue::Snapshot, t.snapshot),
+                    (StageValue::Verify, t.verify),
+                    (StageValue::Upload, t.upload),
+                    (StageValue::Commit, t.commit),
+                ] {
+                    self.stage_duration
+                        .get_or_create(&StageLabels { stage })
+                        .observe(d.as_secs_f64());
+                }
+                self.snapshot_size.set(rep.manifest.size as i64);
+                self.stored_size.set(rep.manifest.stored_size as i64);
+                let ts = rep.manifest.finished_at.timestamp_millis() as f64 / 1000.0;
+                if ts > self.last_success_timestamp.get() {
+                    self.last_success_timestamp.set(ts);
+                }
+            }
+            Err(e) => {
+                self.cycles
+                    .get_or_create(&ResultLabels {
+                        result: Outcome::Failure,
+                    })
+                    .inc();
+                self.failures
+                    .get_or_create(&StageLabels {
+                        stage: e.stage.into(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// The exposition text; ages are computed here, at scrape time.
+    pub fn encode(&self, now_unix: f64) -> String {
+        let last = self.last_success_timestamp.get();
+        self.last_success_age.set(if last > 0.0 {
+            (now_unix - last).max(0.0)
+        } else {
+            f64::NAN
+        });
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Converts the OpenMetrics exposition into the Prometheus text format (0.0.4), for
+/// scrapers and tools that do not ask for OpenMetrics: counters are named with their
+/// `_total` suffix in `# HELP`/`# TYPE`, and `# UNIT` and `# EOF` lines are dropped.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_exist_at_zero_and_names_are_prefixed() {
+        let m = Metrics::new();
+        let text = m.encode(1000.0);
+        for name in [
+            "etcd_backup_last_success_timestamp_seconds",
+            "etcd_backup_last_success_age_seconds",
+            "etcd_backup_cycles_total{result=\"failure\"} 0",
+            "etcd_backup_failures_total{stage=\"prune\"} 0",
+            "etcd_backup_stage_duration_seconds_bucket{le=",
+            "etcd_backup_db_size_bytes",
+            "etcd_backup_config_reloads_total{result=\"success\"} 0",
+            "etcd_backup_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let m = Metrics::new();
+        let text = to_prometheus_text(&m.encode(1.0));
+        assert!(
+            text.contains("# TYPE etcd_backup_cycles_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP etcd_backup_cycles_total "), "{text}");
+        assert!(
+            text.contains("etcd_backup_cycles_total{result=\"success\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE etcd_backup_db_size_bytes gauge"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn age_is_computed_at_scrape_time() {
+        let m = Metrics::new();
+        m.last_success_timestamp.set(900.0);
+        let text = m.encode(1000.0);
+        assert!(
+            text.contains("etcd_backup_last_success_age_seconds 100.0"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Object names. The one module that builds and parses keys in the store.
+//!
+//! Layout (format version 1), under the configured prefix:
+//!
+//! ```text
+//! PREFIX/CLUSTER_NAME/<id>/snapshot.db[.zst|.gz]   the data object
+//! PREFIX/CLUSTER_NAME/<id>/manifest.json           the commit marker, written last
+//! ```
+//!
+//! `<id>` is `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC start time of the cycle (so names sort by
+//! time in any listing) and six random hex digits (so two nodes, or a one-shot run next to
+//! the daemon, never collide). Order is still always taken from manifests' timestamps,
+//! never from names.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use rand::Rng;
+use std::fmt;
+use std::str::FromStr;
+
+/// File name of the manifest inside a backup's directory.
+pub const MANIFEST_NAME: &str = "manifest.json";
+/// File name (without compression suffix) of the data object.
+pub const SNAPSHOT_STEM: &str = "snapshot.db";
+
+const TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+/// The identifier of one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackupId {
+    time: DateTime<Utc>,
+    suffix: String,
+}
+
+impl BackupId {
+    /// A new id for a cycle starting at `time`, with a random suffix.
+    pub fn new(time: DateTime<Utc>) -> Self {
+        let n: u32 = rand::rng().random_range(0..0x100_0000);
+        Self::with_suffix(time, format!("{n:06x}"))
+    }
+
+    fn with_suffix(time: DateTime<Utc>, suffix: String) -> Self {
+        // Ids have one-second resolution.
+        let time = DateTime::from_timestamp(time.timestamp(), 0).unwrap_or(time);
+        Self { time, suffix }
+    }
+
+    /// The start time encoded in the id (second resolution).
+    pub fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.time.format(TIME_FORMAT), self.suffix)
+    }
+}
+
+/// Why a string is not a backup id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a backup id (expected YYYYMMDDTHHMMSSZ-xxxxxx, as printed by `etcd-backup list`)"
+)]
+pub struct BadId(pub String);
+
+impl FromStr for BackupId {
+    type Err = BadId;
+    fn from_str(s: &str) -> Result<Self, BadId> {
+        let bad = || BadId(s.to_string());
+        let (t, suffix) = s.split_once('-').ok_or_else(bad)?;
+        if t.len() != 16
+            || suffix.len() != 6
+            || !suffix
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad());
+        }
+        let time = NaiveDateTime::parse_from_str(t, TIME_FORMAT)
+            .map_err(|_| bad())?
+            .and_utc();
+        let id = BackupId {
+            time,
+            suffix: suffix.to_string(),
+        };
+        // Only the canonical spelling is accepted, so every id has exactly one name.
+        if id.to_string() != s {
+            return Err(bad());
+        }
+        Ok(id)
+    }
+}
+
+/// Whether a cluster name can be used as a path segment.
+pub fn is_valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// What an object under the cluster's directory is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A backup's manifest.
+    Manifest(BackupId),
+    /// A backup's data object.
+    Data(BackupId),
+}
+
+/// Builds and parses keys below `PREFIX/CLUSTER_NAME/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    base: String,
+}
+
+impl Layout {
+    /// The layout for `prefix` (may be empty) and `cluster`.
+    pub fn new(prefix: &str, cluster: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        let base = if prefix.is_empty() {
+            cluster.to_string()
+        } else {
+            format!("{prefix}/{cluster}")
+        };
+        Layout { base }
+    }
+
+    /// The directory every object of this cluster lives under (no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Key of a backup's manifest.
+    pub fn manifest_key(&self, id: &BackupId) -> String {
+        format!("{}/{id}/{MANIFEST_NAME}", self.base)
+    }
+
+    /// Key of a backup's data object.
+    pub fn data_key(&self, id: &BackupId, suffix: &str) -> String {
+        format!("{}/{id}/{SNAPSHOT_STEM}{suffix}", self.base)
+    }
+
+    /// What `key` is, or `None` for anything this tool did not write.
+    pub fn classify(&self, key: &str) -> Option<ObjectKind> {
+        let rest = key.strip_prefix(&self.base)?.strip_prefix('/')?;
+        let (id, name) = rest.split_once('/')?;
+        let id: BackupId = id.parse().ok()?;
+        match name {
+            MANIFEST_NAME => Some(ObjectKind::Manifest(id)),
+            n if [".zst", ".gz", ""]
+                .iter()
+                .any(|s| n.strip_prefix(SNAPSHOT_STEM) == Some(s)) =>
+            {
+                Some(ObjectKind::Data(id))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ids_sort_by_time_and_round_trip() {
+        let a = BackupId::new(Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap());
+        let s = a.to_string();
+        assert!(s.starts_with("20260102T030405Z-"), "{s}");
+        assert_eq!(s.parse::<BackupId>().unwrap(), a);
+        for bad in [
+            "",
+            "20260102T030405Z",
+            "20260102T030405Z-12345",
+            "20260102T030405Z-ABCDEF",
+            "20261302T030405Z-abcdef",
+            "2026-01-02T03:04:05Z-abcdef",
+            "20260102T030405Z-abcdef/x",
+        ] {
+            assert!(bad.parse::<BackupId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn classify_only_our_objects() {
+        let l = Layout::new("/etcd/", "prod");
+        let id: BackupId = "20260102T030405Z-0a1b2c".parse().unwrap();
+        assert_eq!(l.base(), "etcd/prod");
+        assert_eq!(
+            l.manifest_key(&id),
+            "etcd/prod/20260102T030405Z-0a1b2c/manifest.json"
+        );
+        assert_eq!(
+            l.classify(&l.manifest_key(&id)),
+            Some(ObjectKind::Manifest(id.clone()))
+        );
+        assert_eq!(
+            l.classify(&l.data_key(&id, ".zst")),
+            Some(ObjectKind::Data(id.clone()))
+        );
+        for foreign in [
+            "etcd/prod/notes.txt",
+            "etcd/prod2/20260102T030405Z-0a1b2c/manifest.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/manifest.json.bak",
+            "etcd/prod/20260102T030405Z-0a1b2c/snapshot.db.xz",
+            "etcd/prod/20260102T030405Z-0a1b2c/sub/manifest.json",
+            "other/prod/20260102T030405Z-0a1b2c/manifest.json",
+        ] {
+            assert_eq!(l.classify(foreign), None, "{foreign}");
+        }
+        assert_eq!(Layout::new("", "c").base(), "c");
+    }
+
+    #[test]
+    fn cluster_names() {
+        assert!(is_valid_cluster_name("kubernetes"));
+        assert!(is_valid_cluster_name("prod-eu_1.a"));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(64)] {
+            assert!(!is_valid_cluster_name(bad), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn id_format_parse_round_trip(secs in 0i64..4_102_444_800, n in 0u32..0x100_0000) {
+            let t = DateTime::from_timestamp(secs, 0).unwrap();
+            let id = BackupId::with_suffix(t, format!("{n:06x}"));
+            let parsed: BackupId = id.to_string().parse().unwrap();
+            prop_assert_eq!(&parsed, &id);
+            prop_assert_eq!(parsed.time(), t);
+            let l = Layout::new("p", "c");
+            prop_assert_eq!(l.classify(&l.manifest_key(&id)), Some(ObjectKind::Manifest(id.clone())));
+        }
+
+        #[test]
+        fn later_ids_sort_later(a in 0i64..4_102_444_800, b in 0i64..4_102_444_800) {
+            let ia = BackupId::new(DateTime::from_timestamp(a, 0).unwrap()).to_string();
+            let ib = BackupId::new(DateTime::from_timestamp(b, 0).unwrap()).to_string();
+            if a < b { prop_assert!(ia < ib); }
+        }
+    }
+}

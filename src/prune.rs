@@ -1,0 +1,144 @@
+//! Executes retention: lists the store once, asks the pure policy (`retention::plan`) what
+//! to keep, then deletes what it says — data object first, manifest last, so an interrupted
+//! prune never leaves a manifest pointing at nothing — and removes orphaned data objects
+//! (uploads that were completed but never committed) once they are old enough that no cycle
+//! can still be writing them.
+//!
+//! Only objects this tool wrote, under `PREFIX/CLUSTER_NAME/`, are ever deleted; anything
+//! else is counted and left alone. A deletion that fails is logged and retried at the next
+//! prune, never in a loop.
+
+use crate::naming::BackupId;
+use crate::retention::{self, Action, BackupSummary, PrunePlan, RetentionPolicy};
+use crate::store::{BackupStore, StoreError};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// What a prune did (or, with `dry_run`, would do).
+#[derive(Debug)]
+pub struct PruneOutcome {
+    /// The policy's decision for every committed backup, newest first.
+    pub plan: PrunePlan,
+    /// Backups deleted (ids).
+    pub deleted: Vec<String>,
+    /// Orphaned data objects removed (keys).
+    pub orphans_removed: Vec<String>,
+    /// Deletions that failed: key and error. They are retried at the next prune.
+    pub failed: Vec<(String, String)>,
+    /// Objects under our directory that this tool did not write (left alone).
+    pub foreign: usize,
+    /// Manifests that could not be read (left alone, with their data).
+    pub unreadable: usize,
+}
+
+/// Lists, plans and (unless `dry_run`) deletes.
+///
+/// `orphan_age`: a data object without a manifest is removed only when its backup id is
+/// older than this (use twice the cycle timeout).
+///
+/// # Errors
+/// [`StoreError`] when the listing fails; failed deletions are reported in the outcome.
+pub async fn prune(
+    store: &BackupStore,
+    policy: &RetentionPolicy,
+    now: DateTime<Utc>,
+    orphan_age: Duration,
+    dry_run: bool,
+) -> Result<PruneOutcome, StoreError> {
+    let listing = store.list().await?;
+    let summaries: Vec<BackupSummary> = listing
+        .backups
+        .iter()
+        .map(|m| BackupSummary {
+            id: m.id.clone(),
+            time: m.time,
+        })
+        .collect();
+    let plan = retention::plan(&summaries, now, policy);
+    let mut outcome = PruneOutcome {
+        plan,
+        deleted: Vec::new(),
+        orphans_removed: Vec::new(),
+        failed: Vec::new(),
+        foreign: listing.foreign,
+        unreadable: listing.unreadable.len(),
+    };
+
+    for d in &outcome.plan.decisions {
+        let Action::Delete(reason) = &d.action else {
+            continue;
+        };
+        let Ok(id) = d.id.parse::<BackupId>() else {
+            continue;
+        };
+        if dry_run {
+            continue;
+        }
+        let data_keys: Vec<String> = listing
+            .data_objects
+            .get(&id)
+            .map(|v| v.iter().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        let mut ok = true;
+        for key in data_keys
+            .iter()
+            .chain(std::iter::once(&store.layout().manifest_key(&id)))
+        {
+            if let Err(e) = store.delete(key).await {
+                tracing::warn!(key = %key, error = %e, "deletion failed; it is retried at the next prune");
+                outcome.failed.push((key.clone(), e.to_string()));
+                ok = false;
+                // Never delete the manifest when its data could not be deleted first.
+                break;
+            }
+        }
+        if ok {
+            tracing::info!(id = %d.id, time = %d.time, reason = %reason, "deleted backup");
+            outcome.deleted.push(d.id.clone());
+        }
+    }
+
+    let committed: std::collections::HashSet<&str> =
+        listing.backups.iter().map(|m| m.id.as_str()).collect();
+    let unreadable_ids: std::collections::HashSet<String> = listing
+        .unreadable
+        .iter()
+        .filter_map(|(k, _)| store.layout().classify(k))
+        .map(|k| match k {
+            crate::naming::ObjectKind::Manifest(id) | crate::naming::ObjectKind::Data(id) => {
+                id.to_string()
+            }
+        })
+        .collect();
+    let cutoff = now - chrono::Duration::from_std(orphan_age).unwrap_or(chrono::Duration::days(1));
+    for (id, objects) in &listing.data_objects {
+        let ids = id.to_string();
+        if committed.contains(ids.as_str()) || unreadable_ids.contains(&ids) || id.time() >= cutoff
+        {
+            continue;
+        }
+        for (key, _) in objects {
+            if dry_run {
+                outcome.orphans_removed.push(key.clone());
+                continue;
+            }
+            match store.delete(key).await {
+                Ok(()) => {
+                    tracing::info!(key = %key, "removed an orphaned data object (no manifest: its cycle never committed)");
+                    outcome.orphans_removed.push(key.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "removing an orphan failed; retried at the next prune");
+                    outcome.failed.push((key.clone(), e.to_string()));
+                }
+            }
+        }
+    }
+    if outcome.foreign > 0 {
+        tracing::info!(
+            count = outcome.foreign,
+            "objects not written by etcd-backup were left alone"
+        );
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,226 @@
+//! Getting a backup back: stream the stored object, check its sha256, decompress, check
+//! the raw snapshot's size and sha256 against the manifest, write it to a file, and run the
+//! verifier on it. Shared by `restore` and `verify`.
+
+use crate::manifest::Manifest;
+use crate::store::{BackupStore, Listing};
+use crate::verify::{self, VerifyOptions, VerifyReport};
+use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Why getting a backup back failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// No backup matches.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A local file problem.
+    #[error("{path}: {detail}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What happened and what to do.
+        detail: String,
+    },
+    /// The downloaded data does not match the manifest.
+    #[error("backup {id}: {detail}")]
+    Corrupt {
+        /// The backup.
+        id: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// The verifier rejected the snapshot.
+    #[error("backup {id}: the snapshot fails verification: {source}")]
+    Verify {
+        /// The backup.
+        id: String,
+        /// The verifier's error.
+        source: verify::VerifyError,
+    },
+}
+
+/// Picks `which` ("latest" or an id) from a listing.
+///
+/// # Errors
+/// [`RestoreError::NotFound`] naming what exists.
+pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, RestoreError> {
+    if listing.backups.is_empty() {
+        return Err(RestoreError::NotFound(
+            "there are no committed backups in the store; check storage.url and backup.cluster_name".into(),
+        ));
+    }
+    if which == "latest" {
+        return Ok(&listing.backups[0]);
+    }
+    listing
+        .backups
+        .iter()
+        .find(|m| m.id == which)
+        .ok_or_else(|| {
+            RestoreError::NotFound(format!(
+                "no committed backup with id {which:?}; `etcd-backup list` shows the ids (newest: {})",
+                listing.backups[0].id
+            ))
+        })
+}
+
+/// The result of a successful fetch.
+#[derive(Debug)]
+pub struct FetchReport {
+    /// The verifier's report on the written file.
+    pub verify: VerifyReport,
+}
+
+/// Streams backup `m` into a new file `dest` (never overwriting anything), checks it against
+/// the manifest and verifies it. On any failure the partial file is removed.
+///
+/// # Errors
+/// [`RestoreError`] naming what failed.
+pub async fn fetch_to_file(
+    store: &BackupStore,
+    m: &Manifest,
+    dest: &Path,
+) -> Result<FetchReport, RestoreError> {
+    let file_err = |detail: String| RestoreError::File {
+        path: dest.to_path_buf(),
+        detail,
+    };
+    let part = dest.with_file_name(format!(
+        ".{}.part",
+        dest.file_name()
+            .map_or_else(|| "snapshot".into(), |n| n.to_string_lossy())
+    ));
+    if dest.exists() {
+        return Err(file_err(
+            "already exists; restore never overwrites a file: choose another --output".into(),
+        ));
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true).mode(0o600);
+    let std_file = opts.open(&part).map_err(|e| {
+        file_err(if e.kind() == ErrorKind::AlreadyExists {
+            format!(
+                "{} exists (another restore running, or left over): remove it",
+                part.display()
+            )
+        } else {
+            format!("cannot create {}: {e}", part.display())
+        })
+    })?;
+    let guard = PartFile(Some(part.clone()));
+
+    let stored_hash = Arc::new(Mutex::new(Sha256::new()));
+    let stored_len = Arc::new(Mutex::new(0u64));
+    let stream = {
+        let (h, n) = (stored_hash.clone(), stored_len.clone());
+        store.get_stream(&m.object).await?.map_ok(move |b| {
+            h.lock().expect("hash lock").update(&b);
+            *n.lock().expect("len lock") += b.len() as u64;
+            b
+        })
+    };
+    let reader =
+        tokio::io::BufReader::with_capacity(256 * 1024, tokio_util::io::StreamReader::new(stream));
+    let mut decoder = m.compression.decoder(reader);
+    let mut out =
+        tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(std_file));
+    let mut raw_hash = Sha256::new();
+    let mut raw_len = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = decoder
+            .read(&mut buf)
+            .await
+            .map_err(|e| RestoreError::Corrupt {
+                id: m.id.clone(),
+                detail: format!("reading or decompressing {} failed: {e}", m.object),
+            })?;
+        if n == 0 {
+            break;
+        }
+        raw_hash.update(&buf[..n]);
+        raw_len += n as u64;
+        out.write_all(&buf[..n])
+            .await
+            .map_err(|e| file_err(format!("writing failed: {e}; check free space")))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| file_err(format!("writing failed: {e}; check free space")))?;
+    out.get_ref()
+        .sync_all()
+        .await
+        .map_err(|e| file_err(format!("fsync failed: {e}")))?;
+    drop(out);
+
+    let stored_sha = hex::encode(stored_hash.lock().expect("hash lock").clone().finalize());
+    let stored_n = *stored_len.lock().expect("len lock");
+    let corrupt = |detail: String| RestoreError::Corrupt {
+        id: m.id.clone(),
+        detail,
+    };
+    if stored_n != m.stored_size || stored_sha != m.stored_sha256 {
+        return Err(corrupt(format!(
+            "the stored object {} ({stored_n} bytes, sha256 {stored_sha}) does not match the manifest ({} bytes, sha256 {}): it was modified or damaged in storage",
+            m.object, m.stored_size, m.stored_sha256
+        )));
+    }
+    let raw_sha = hex::encode(raw_hash.finalize());
+    if raw_len != m.size || raw_sha != m.sha256 {
+        return Err(corrupt(format!(
+            "the decompressed snapshot ({raw_len} bytes, sha256 {raw_sha}) does not match the manifest ({} bytes, sha256 {})",
+            m.size, m.sha256
+        )));
+    }
+    let p = part.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        verify::verify_file(
+            &p,
+            &VerifyOptions {
+                check_trailer: true,
+            },
+        )
+    })
+    .await
+    .map_err(|e| corrupt(format!("verifier thread failed: {e}")))?
+    .map_err(|source| RestoreError::Verify {
+        id: m.id.clone(),
+        source,
+    })?;
+    if report.revision != m.revision || report.hash != m.verification.hash {
+        return Err(corrupt(format!(
+            "the snapshot's revision {} and hash {} differ from the manifest's {} and {}",
+            report.revision, report.hash, m.revision, m.verification.hash
+        )));
+    }
+    // Publish without overwriting: a hard link fails if `dest` appeared meanwhile.
+    std::fs::hard_link(&part, dest).map_err(|e| {
+        file_err(if e.kind() == ErrorKind::AlreadyExists {
+            "appeared while restoring; restore never overwrites a file".into()
+        } else {
+            format!("cannot create: {e}")
+        })
+    })?;
+    drop(guard);
+    Ok(FetchReport { verify: report })
+}
+
+/// Removes the partial file on every way out.
+struct PartFile(Option<PathBuf>);
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The backup store: S3-compatible object storage or a local directory, through
+//! `object_store`, with this tool's object layout on top.
+//!
+//! Invariants:
+//! - data objects are written as multipart uploads that only become visible when
+//!   completed; every failure path aborts the upload ([`Upload::abort`]);
+//! - the manifest is written only after the data object is complete, and it is what makes
+//!   a backup exist: [`BackupStore::list`] reports only backups with a readable manifest.
+
+use crate::config::{StorageConfig, StorageUrl};
+use crate::manifest::Manifest;
+use crate::naming::{BackupId, Layout, ObjectKind};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    Attribute, Attributes, ClientOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions,
+    PutPayload, RetryConfig, WriteMultipart,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Size of one multipart part. Memory held by an upload is about
+/// `PART_SIZE * (MAX_PARTS_IN_FLIGHT + 1)`.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts uploaded concurrently.
+pub const MAX_PARTS_IN_FLIGHT: usize = 3;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be set up from the configuration.
+    #[error("cannot use storage {url}: {detail}")]
+    Setup {
+        /// The configured URL.
+        url: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A request failed.
+    #[error("storage {url}: {op} {key} failed: {detail}; {hint}")]
+    Request {
+        /// The configured URL.
+        url: String,
+        /// The operation.
+        op: &'static str,
+        /// The object key.
+        key: String,
+        /// What the store said.
+        detail: String,
+        /// What to check.
+        hint: &'static str,
+    },
+}
+
+/// Objects found under the cluster's directory.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Committed backups (readable manifests), newest first by their `time`.
+    pub backups: Vec<Manifest>,
+    /// Data objects by backup id (committed or not), with their sizes.
+    pub data_objects: BTreeMap<BackupId, Vec<(String, u64)>>,
+    /// Manifests that could not be read or parsed: key and reason.
+    pub unreadable: Vec<(String, String)>,
+    /// Objects under the directory that this tool did not write.
+    pub foreign: usize,
+}
+
+/// The configured store and object layout.
+#[derive(Clone)]
+pub struct BackupStore {
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    url: String,
+    storage_class: Option<String>,
+    s3: bool,
+    /// Root directory of a `file://` store, to remove directories an aborted upload leaves.
+    local_root: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for BackupStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackupStore({})", self.url)
+    }
+}
+
+impl BackupStore {
+    /// Builds the store for `cfg`, with objects under `PREFIX/cluster/`.
+    ///
+    /// # Errors
+    /// [`StoreError::Setup`] when the URL or options cannot be used (e.g. the local directory
+    /// cannot be created).
+    pub fn open(cfg: &StorageConfig, cluster: &str) -> Result<BackupStore, StoreError> {
+        let url = cfg.url.to_string();
+        let setup = |detail: String| StoreError::Setup {
+            url: url.clone(),
+            detail,
+        };
+        let local_root = match &cfg.url {
+            StorageUrl::File { dir } => Some(dir.clone()),
+            StorageUrl::S3 { .. } => None,
+        };
+        let (store, prefix, s3): (Arc<dyn ObjectStore>, String, bool) = match &cfg.url {
+            StorageUrl::File { dir } => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    setup(format!(
+                        "cannot create directory {}: {e}; check the path and that this user may write there",
+                        dir.display()
+                    ))
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| setup(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), String::new(), false)
+            }
+            StorageUrl::S3 { bucket, prefix } => {
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(&cfg.region)
+                    .with_virtual_hosted_style_request(!cfg.path_style)
+                    .with_retry(RetryConfig {
+                        max_retries: 5,
+                        retry_timeout: Duration::from_secs(180),
+                        ..RetryConfig::default()
+                    })
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_connect_timeout(Duration::from_secs(10))
+                            .with_timeout(Duration::from_secs(300))
+                            .with_allow_http(
+                                cfg.endpoint
+                                    .as_deref()
+                                    .is_some_and(|e| e.starts_with("http://")),
+                            ),
+                    );
+                if let Some(ep) = &cfg.endpoint {
+                    b = b.with_endpoint(ep);
+                }
+                if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+                    b = b
+                        .with_access_key_id(id)
+                        .with_secret_access_key(secret.expose());
+                    if let Some(token) = &cfg.session_token {
+                        b = b.with_token(token.expose());
+                    }
+                }
+                let s = b.build().map_err(|e| setup(e.to_string()))?;
+                (Arc::new(s), prefix.clone(), true)
+            }
+        };
+        Ok(BackupStore {
+            store,
+            layout: Layout::new(&prefix, cluster),
+            url,
+            storage_class: cfg.storage_class.clone(),
+            s3,
+            local_root,
+        })
+    }
+
+    /// The object layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The configured URL, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: &object_store::Error) -> StoreError {
+        let hint = match e {
+            object_store::Error::NotFound { .. } => {
+                "check that the bucket (or directory) exists and storage.url is right"
+            }
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => {
+                "check the credentials (storage.access_key_id / secret_access_key or AWS_* variables) and the bucket policy"
+            }
+            _ if self.s3 => {
+                "check storage.endpoint, storage.region, that the bucket exists and that the credentials may write to it"
+            }
+            _ => "check that the directory exists and this user may write there",
+        };
+        StoreError::Request {
+            url: self.url.clone(),
+            op,
+            key: key.to_string(),
+            detail: flatten(e),
+            hint,
+        }
+    }
+
+    /// Starts a multipart upload of `key`.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refuses.
+    pub async fn begin_upload(&self, key: &str) -> Result<Upload, StoreError> {
+        let mut attributes = Attributes::new();
+        if self.s3 {
+            if let Some(sc) = &self.storage_class {
+                attributes.insert(Attribute::StorageClass, sc.clone().into());
+            }
+        }
+        let opts = PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let path = ObjPath::from(key);
+        let up = self
+            .store
+            .put_multipart_opts(&path, opts)
+            .await
+            .map_err(|e| self.err("starting the upload of", key, &e))?;
+        Ok(Upload {
+            writer: Some(WriteMultipart::new_with_chunk_size(up, PART_SIZE)),
+            key: key.to_string(),
+            store: self.clone(),
+        })
+    }
+
+    /// Writes a manifest: the commit of a backup.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refuses.
+    pub async fn put_manifest(&self, id: &BackupId, m: &Manifest) -> Result<(), StoreError> {
+        let key = self.layout.manifest_key(id);
+        self.store
+            .put(&ObjPath::from(key.as_str()), PutPayload::from(m.to_json()))
+            .await
+            .map_err(|e| self.err("writing", &key, &e))?;
+        Ok(())
+    }
+
+    /// Deletes one object; a missing object counts as deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refuses.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&ObjPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("deleting", key, &e)),
+        }
+    }
+
+    /// Reads a whole small object (a manifest).
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when it cannot be read.
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.err("reading", key, &e))?;
+        r.bytes().await.map_err(|e| self.err("reading", key, &e))
+    }
+
+    /// Streams an object.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when it cannot be opened.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<Bytes>>, StoreError> {
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.err("reading", key, &e))?;
+        Ok(r.into_stream().map_err(std::io::Error::other).boxed())
+    }
+
+    /// The number of manifests and the newest committed backup, with one listing and as
+    /// few manifest reads as possible (candidates are tried newest id first). For the
+    /// last-success metrics, refreshed often on every node.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the listing fails.
+    pub async fn newest(&self) -> Result<(usize, Option<Manifest>), StoreError> {
+        let base = self.layout.base().to_string();
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&ObjPath::from(base.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &format!("{base}/"), &e))?;
+        let mut ids: Vec<(BackupId, String)> = objects
+            .into_iter()
+            .filter_map(|o| {
+                let key = o.location.to_string();
+                match self.layout.classify(&key) {
+                    Some(ObjectKind::Manifest(id)) => Some((id, key)),
+                    _ => None,
+                }
+            })
+            .collect();
+        ids.sort_by(|a, b| b.0.cmp(&a.0));
+        let count = ids.len();
+        for (_, key) in ids.iter().take(5) {
+            if let Ok(m) = self
+                .get_bytes(key)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| Manifest::from_json(&b))
+            {
+                return Ok((count, Some(m)));
+            }
+        }
+        Ok((count, None))
+    }
+
+    /// Lists the cluster's directory with one paginated listing, reads every manifest and
+    /// returns the committed backups, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the listing fails.
+    pub async fn list(&self) -> Result<Listing, StoreError> {
+        let base = self.layout.base().to_string();
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&ObjPath::from(base.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &format!("{base}/"), &e))?;
+        let mut listing = Listing::default();
+        let mut manifest_keys = Vec::new();
+        for o in objects {
+            let key = o.location.to_string();
+            match self.layout.classify(&key) {
+                Some(ObjectKind::Manifest(id)) => manifest_keys.push((id, key)),
+                Some(ObjectKind::Data(id)) => listing
+                    .data_objects
+                    .entry(id)
+                    .or_default()
+                    .push((key, o.size)),
+                None => listing.foreign += 1,
+            }
+        }
+        let fetched: Vec<_> = futures::stream::iter(manifest_keys)
+            .map(|(id, key)| async move {
+                let r = self.get_bytes(&key).await;
+                (id, key, r)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (id, key, r) in fetched {
+            match r.map_err(|e| e.to_string()).and_then(|b| {
+                let m = Manifest::from_json(&b)?;
+                if m.id == id.to_string() {
+                    Ok(m)
+                } else {
+                    Err(format!("its id {:?} does not match its key", m.id))
+                }
+            }) {
+                Ok(m) => listing.backups.push(m),
+                Err(reason) => listing.unreadable.push((key, reason)),
+            }
+        }
+        listing
+            .backups
+            .sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+        Ok(listing)
+    }
+}
+
+/// An upload in progress. It must end in [`Upload::finish`] or [`Upload::abort`]; dropping
+/// it leaves an incomplete multipart upload behind (a warning is logged).
+pub struct Upload {
+    writer: Option<WriteMultipart>,
+    key: String,
+    store: BackupStore,
+}
+
+impl Upload {
+    /// The key being written.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Queues `bytes`, waiting while too many parts are in flight.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when a part upload failed.
+    pub async fn put(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let w = self.writer.as_mut().expect("upload still open");
+        if let Err(e) = w.wait_for_capacity(MAX_PARTS_IN_FLIGHT).await {
+            return Err(self.store.err("uploading a part of", &self.key, &e));
+        }
+        w.put(bytes);
+        Ok(())
+    }
+
+    /// Uploads the last part and completes the upload: the object becomes visible.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`]; the upload has then been aborted.
+    pub async fn finish(mut self) -> Result<(), StoreError> {
+        let w = self.writer.take().expect("upload still open");
+        w.finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store.err("completing the upload of", &self.key, &e))
+    }
+
+    /// Aborts the upload and removes its parts.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refused to abort.
+    pub async fn abort(mut self) -> Result<(), StoreError> {
+        let w = self.writer.take().expect("upload still open");
+        let r = w
+            .abort()
+            .await
+            .map_err(|e| self.store.err("aborting the upload of", &self.key, &e));
+        // A local store leaves the backup's (now empty) directory behind; remove it, and
+        // only if it is empty.
+        if let (Some(root), Some((dir, _))) = (&self.store.local_root, self.key.rsplit_once('/')) {
+            let _ = std::fs::remove_dir(root.join(dir));
+        }
+        r
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            tracing::warn!(key = %self.key, "an upload was dropped without being completed or aborted");
+        }
+    }
+}
+
+/// The error and its sources on one line.
+fn flatten(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn file_cfg(dir: &std::path::Path) -> StorageConfig {
+        StorageConfig {
+            url: StorageUrl::File {
+                dir: dir.to_path_buf(),
+            },
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            storage_class: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn aborted_uploads_leave_nothing_and_listing_trusts_manifests_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BackupStore::open(&file_cfg(dir.path()), "c1").unwrap();
+        let l = store.layout().clone();
+
+        // An aborted upload leaves no object.
+        let id_a: BackupId = "20260101T000000Z-00000a".parse().unwrap();
+        let mut up = store
+            .begin_upload(&l.data_key(&id_a, ".zst"))
+            .await
+            .unwrap();
+        up.put(Bytes::from(vec![1u8; PART_SIZE + 10]))
+            .await
+            .unwrap();
+        up.abort().await.unwrap();
+
+        // A completed upload without a manifest is not a backup.
+        let id_b: BackupId = "20260102T000000Z-00000b".parse().unwrap();
+        let mut up = store
+            .begin_upload(&l.data_key(&id_b, ".zst"))
+            .await
+            .unwrap();
+        up.put(Bytes::from_static(b"data")).await.unwrap();
+        up.finish().await.unwrap();
+
+        // A committed backup.
+        let id_c: BackupId = "20260103T000000Z-00000c".parse().unwrap();
+        let mut up = store
+            .begin_upload(&l.data_key(&id_c, ".zst"))
+            .await
+            .unwrap();
+        up.put(Bytes::from_static(b"data")).await.unwrap();
+        up.finish().await.unwrap();
+        let m = crate::manifest::sample(&id_c.to_string(), id_c.time());
+        store.put_manifest(&id_c, &m).await.unwrap();
+
+        // Foreign objects and a broken manifest.
+        std::fs::write(dir.path().join("c1/README"), "not ours").unwrap();
+        let id_d: BackupId = "20260104T000000Z-00000d".parse().unwrap();
+        std::fs::create_dir_all(dir.path().join(format!("c1/{id_d}"))).unwrap();
+        std::fs::write(dir.path().join(format!("c1/{id_d}/manifest.json")), "{").unwrap();
+
+        assert!(
+            !dir.path().join(format!("c1/{id_a}")).exists(),
+            "the aborted backup's directory is removed"
+        );
+        let listing = store.list().await.unwrap();
+        assert_eq!(listing.backups.len(), 1);
+        assert_eq!(listing.backups[0].id, id_c.to_string());
+        assert!(
+            !listing.data_objects.contains_key(&id_a),
+            "aborted upload must leave nothing"
+        );
+        assert!(listing.data_objects.contains_key(&id_b));
+        assert_eq!(listing.foreign, 1);
+        assert_eq!(listing.unreadable.len(), 1);
+        // Nothing but our objects: no staging files left from the aborted upload.
+        let mut files = Vec::new();
+        for e in walk(dir.path()) {
+            files.push(e);
+        }
+        assert!(
+            files.iter().all(|f| !f.contains('#')),
+            "staging files left behind: {files:?}"
+        );
+    }
+
+    fn walk(p: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn s3_setup_does_not_leak_secrets_in_debug() {
+        let mut cfg = file_cfg(std::path::Path::new("/tmp"));
+        cfg.url = StorageUrl::S3 {
+            bucket: "b".into(),
+            prefix: "p".into(),
+        };
+        cfg.endpoint = Some("http://127.0.0.1:1".into());
+        cfg.access_key_id = Some("GKtest".into());
+        cfg.secret_access_key = Some(Secret::new("super-secret-value"));
+        let s = BackupStore::open(&cfg, "c").unwrap();
+        assert!(!format!("{s:?}").contains("super-secret-value"));
+        assert_eq!(s.layout().base(), "p/c");
+    }
+}

@@ -1,0 +1,154 @@
+//! Test harness: real servers (etcd, Garage) on free loopback ports, stopped when the test
+//! ends. A server binary that is missing makes the test fail with an install hint; tests
+//! never skip.
+#![allow(dead_code)]
+
+pub mod etcd;
+pub mod garage;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Where `scripts/install-deps.sh` installs the test servers.
+pub fn deps_dir() -> PathBuf {
+    std::env::var_os("EB_DEPS_DIR").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/etcd-backup-deps")
+        },
+        PathBuf::from,
+    )
+}
+
+/// A free TCP port on 127.0.0.1, never the same twice in one test process.
+pub fn free_port() -> u16 {
+    static USED: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let used = USED.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a loopback port")
+            .port();
+        if used.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A spawned server: output goes to a log file; killed (SIGKILL) and reaped on drop.
+pub struct ChildProc {
+    child: Option<Child>,
+    log: PathBuf,
+    name: String,
+}
+
+impl ChildProc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`. Environment variables that
+    /// etcd would read as flags (`ETCD_*`) are removed.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> ChildProc {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open log file");
+        let err = out.try_clone().expect("clone log file");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ETCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        ChildProc {
+            child: Some(child),
+            log: log.to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -s {sig} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(n);
+        format!(
+            "--- last {} lines of {} ({}) ---\n{}",
+            lines.len() - start,
+            self.name,
+            self.log.display(),
+            lines[start..].join("\n")
+        )
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command to completion and panics with its output when it fails.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({:?})\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
