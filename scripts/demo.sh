@@ -84,4 +84,9 @@ echo "== etcd-backup list"
 "$BIN" list --config "$WORK/config.toml"
 echo "== stored objects"
 find "$WORK/backups" -type f -printf '%P  %s bytes\n' | sort
+echo "== etcd-backup verify (download, decompress, sha256 against the manifest, snapshot structure)"
+"$BIN" verify --config "$WORK/config.toml" "$ID"
+echo "== etcd-backup restore, then etcdutl snapshot status on the restored file"
+"$BIN" restore --config "$WORK/config.toml" "$ID" --output "$WORK/restored.db"
+"$EB_ETCD_351_DIR/etcdutl" snapshot status "$WORK/restored.db" -w table
 echo "== done: backup $ID of a live etcd, committed in $WORK/backups"

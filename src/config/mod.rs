@@ -221,7 +221,10 @@ pub struct RetentionConfig {
     /// Keep the newest backup of each of the last N months that have backups.
     pub keep_monthly: u32,
     /// Backups older than this, and kept by no rule, are deleted.
-    #[serde(serialize_with = "ser_opt_duration")]
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_age: Option<Duration>,
     /// At least this many backups always remain.
     pub min_keep: u32,
@@ -249,7 +252,7 @@ impl RetentionConfig {
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-        None => s.serialize_str("none"),
+        None => s.serialize_none(),
     }
 }
 
