@@ -23,6 +23,7 @@ pub mod compress;
 pub mod config;
 pub mod cycle;
 pub mod daemon;
+pub mod digest;
 pub mod error;
 pub mod etcd;
 pub mod http;

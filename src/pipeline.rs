@@ -13,8 +13,8 @@
 //! waiting, and the uploader's parts in flight.
 
 use crate::compress::Compression;
+use crate::digest::Sha256;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use std::io::{self, Write};
 use tokio::sync::mpsc;
 
@@ -99,7 +99,7 @@ impl TrailerCheck {
         if self.size < 512 + TRAILER_LEN as u64 || self.size % 512 != TRAILER_LEN as u64 {
             return Err(TrailerError::Missing { size: self.size });
         }
-        let computed: [u8; 32] = self.data.clone().finalize().into();
+        let computed: [u8; 32] = self.data.clone().finalize();
         if computed[..] != self.tail[..] {
             return Err(TrailerError::Mismatch {
                 expected: hex::encode(&self.tail),
@@ -110,7 +110,7 @@ impl TrailerCheck {
         whole.update(&self.tail);
         Ok(RawDigest {
             size: self.size,
-            sha256: whole.finalize().into(),
+            sha256: whole.finalize(),
         })
     }
 }
@@ -151,7 +151,7 @@ impl ChunkSink {
     /// `BrokenPipe` when the uploader has stopped.
     pub fn close(mut self) -> io::Result<(u64, [u8; 32])> {
         self.send_buf()?;
-        Ok((self.size, self.hasher.finalize().into()))
+        Ok((self.size, self.hasher.finalize()))
     }
 }
 
@@ -243,10 +243,11 @@ pub fn run(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sha2::Digest as _;
 
     fn snapshot_like(n_pages: usize) -> Vec<u8> {
         let mut db: Vec<u8> = (0..n_pages * 512).map(|i| (i * 31 % 251) as u8).collect();
-        let h: [u8; 32] = Sha256::digest(&db).into();
+        let h: [u8; 32] = sha2::Sha256::digest(&db).into();
         db.extend_from_slice(&h);
         db
     }
@@ -258,7 +259,7 @@ mod tests {
         c.update(&file);
         let d = c.finish().unwrap();
         assert_eq!(d.size, file.len() as u64);
-        let whole: [u8; 32] = Sha256::digest(&file).into();
+        let whole: [u8; 32] = sha2::Sha256::digest(&file).into();
         assert_eq!(d.sha256, whole);
     }
 
@@ -301,7 +302,7 @@ mod tests {
             }
             c.update(&file[pos..]);
             let d = c.finish().unwrap();
-            let whole: [u8; 32] = Sha256::digest(&file).into();
+            let whole: [u8; 32] = sha2::Sha256::digest(&file).into();
             prop_assert_eq!(d.sha256, whole);
         }
     }
@@ -333,7 +334,7 @@ mod tests {
         let rep = t.join().unwrap().unwrap();
         assert_eq!(std::fs::read(&spool_path).unwrap(), file);
         assert_eq!(rep.stored_size, stored.len() as u64);
-        let sh: [u8; 32] = Sha256::digest(&stored).into();
+        let sh: [u8; 32] = sha2::Sha256::digest(&stored).into();
         assert_eq!(rep.stored_sha256, sh);
         let mut dec = flate2::read::GzDecoder::new(&stored[..]);
         let mut back = Vec::new();

@@ -2,11 +2,11 @@
 //! the raw snapshot's size and sha256 against the manifest, write it to a file, and run the
 //! verifier on it. Shared by `restore` and `verify`.
 
+use crate::digest::Sha256;
 use crate::manifest::Manifest;
 use crate::store::{BackupStore, Listing};
 use crate::verify::{self, VerifyOptions, VerifyReport};
 use futures::TryStreamExt;
-use sha2::{Digest, Sha256};
 use std::io::ErrorKind;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

@@ -192,7 +192,7 @@ pub fn verify_source<S: Source + ?Sized>(
 }
 
 fn check_trailer<S: Source + ?Sized>(src: &S, size: u64) -> Result<(), VerifyError> {
-    use sha2::{Digest, Sha256};
+    use crate::digest::Sha256;
     if size % 512 != 32 || size < 512 + 32 {
         return Err(VerifyError::Trailer(format!(
             "the file has no sha256 trailer ({size} bytes; an etcd snapshot is a multiple of 512 bytes plus 32): it is truncated, or not a snapshot as etcd streams it"
@@ -210,7 +210,7 @@ fn check_trailer<S: Source + ?Sized>(src: &S, size: u64) -> Result<(), VerifyErr
     }
     let mut trailer = [0u8; 32];
     src.read_at(data_len, &mut trailer).map_err(io_err)?;
-    let computed: [u8; 32] = h.finalize().into();
+    let computed: [u8; 32] = h.finalize();
     if computed != trailer {
         return Err(VerifyError::Trailer(format!(
             "the sha256 trailer (bytes {data_len}..{size}) does not match the data: expected {}, computed {}; the file is damaged",
