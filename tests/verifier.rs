@@ -37,7 +37,7 @@ async fn load(endpoint: &str, mb: usize) {
                 for j in 0..16 {
                     let n = t * 1_000_000 + i * 16 + j;
                     // Mostly 1–12 KiB, every 50th 40 KiB (several overflow pages).
-                    let size = if n % 50 == 0 {
+                    let size = if n.is_multiple_of(50) {
                         40_000
                     } else {
                         1024 + (n * 7919) % 11_000
@@ -55,7 +55,7 @@ async fn load(endpoint: &str, mb: usize) {
                     ));
                 }
                 kv.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
-                if i % 5 == 0 {
+                if i.is_multiple_of(5) {
                     let n = t * 1_000_000 + i * 16;
                     kv.put(
                         format!("/registry/configmaps/ns{}/cm-{n}", n % 13),
@@ -65,7 +65,7 @@ async fn load(endpoint: &str, mb: usize) {
                     .await
                     .unwrap();
                 }
-                if i % 7 == 0 {
+                if i.is_multiple_of(7) {
                     let n = t * 1_000_000 + i * 16 + 1;
                     kv.delete(format!("/registry/configmaps/ns{}/cm-{n}", n % 13), None)
                         .await
