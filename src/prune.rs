@@ -1,8 +1,10 @@
 //! Executes retention: lists the store once, asks the pure policy (`retention::plan`) what
-//! to keep, then deletes what it says — data object first, manifest last, so an interrupted
-//! prune never leaves a manifest pointing at nothing — and removes orphaned data objects
-//! (uploads that were completed but never committed) once they are old enough that no cycle
-//! can still be writing them.
+//! to keep, then deletes what it says — the manifest (the commit marker) first, then the
+//! data object, the reverse of how a backup is made, so an interrupted prune never leaves a
+//! manifest pointing at nothing: at worst a data object without a manifest, an orphan that
+//! a later prune removes. Orphaned data objects (uploads completed but never committed, or
+//! left by an interrupted prune) are removed once old enough that no cycle can still be
+//! writing them; so are manifests whose data object is gone.
 //!
 //! Only objects this tool wrote, under `PREFIX/CLUSTER_NAME/`, are ever deleted; anything
 //! else is counted and left alone. A deletion that fails is logged and retried at the next
@@ -80,15 +82,12 @@ pub async fn prune(
             .map(|v| v.iter().map(|(k, _)| k.clone()).collect())
             .unwrap_or_default();
         let mut ok = true;
-        for key in data_keys
-            .iter()
-            .chain(std::iter::once(&store.layout().manifest_key(&id)))
-        {
+        for key in std::iter::once(&store.layout().manifest_key(&id)).chain(data_keys.iter()) {
             if let Err(e) = store.delete(key).await {
                 tracing::warn!(key = %key, error = %e, "deletion failed; it is retried at the next prune");
                 outcome.failed.push((key.clone(), e.to_string()));
                 ok = false;
-                // Never delete the manifest when its data could not be deleted first.
+                // Keep the data while its manifest could not be removed.
                 break;
             }
         }
@@ -111,6 +110,22 @@ pub async fn prune(
         })
         .collect();
     let cutoff = now - chrono::Duration::from_std(orphan_age).unwrap_or(chrono::Duration::days(1));
+    for (id, key) in &listing.dangling {
+        if id.time() >= cutoff {
+            continue;
+        }
+        if dry_run {
+            outcome.orphans_removed.push(key.clone());
+            continue;
+        }
+        match store.delete(key).await {
+            Ok(()) => {
+                tracing::info!(key = %key, "removed a manifest whose data object is missing");
+                outcome.orphans_removed.push(key.clone());
+            }
+            Err(e) => outcome.failed.push((key.clone(), e.to_string())),
+        }
+    }
     for (id, objects) in &listing.data_objects {
         let ids = id.to_string();
         if committed.contains(ids.as_str()) || unreadable_ids.contains(&ids) || id.time() >= cutoff

@@ -66,6 +66,8 @@ pub struct Listing {
     pub data_objects: BTreeMap<BackupId, Vec<(String, u64)>>,
     /// Manifests that could not be read or parsed: key and reason.
     pub unreadable: Vec<(String, String)>,
+    /// Readable manifests whose data object is missing (not backups: nothing to restore).
+    pub dangling: Vec<(BackupId, String)>,
     /// Objects under the directory that this tool did not write.
     pub foreign: usize,
 }
@@ -359,7 +361,17 @@ impl BackupStore {
                     Err(format!("its id {:?} does not match its key", m.id))
                 }
             }) {
-                Ok(m) => listing.backups.push(m),
+                Ok(m) => {
+                    let has_data = listing
+                        .data_objects
+                        .get(&id)
+                        .is_some_and(|objs| objs.iter().any(|(k, _)| *k == m.object));
+                    if has_data {
+                        listing.backups.push(m);
+                    } else {
+                        listing.dangling.push((id, key));
+                    }
+                }
                 Err(reason) => listing.unreadable.push((key, reason)),
             }
         }
@@ -505,7 +517,8 @@ mod tests {
             .unwrap();
         up.put(Bytes::from_static(b"data")).await.unwrap();
         up.finish().await.unwrap();
-        let m = crate::manifest::sample(&id_c.to_string(), id_c.time());
+        let mut m = crate::manifest::sample(&id_c.to_string(), id_c.time());
+        m.object = l.data_key(&id_c, ".zst");
         store.put_manifest(&id_c, &m).await.unwrap();
 
         // Foreign objects and a broken manifest.
