@@ -92,11 +92,18 @@ pub enum Command {
         #[arg(long, short = 'o')]
         output: PathBuf,
         /// Also run `etcdutl snapshot restore` into this new data directory (must not exist).
-        #[arg(long)]
+        #[arg(long, requires = "peer_url")]
         data_dir: Option<PathBuf>,
         /// Member name for `--data-dir` (default: this host's name).
         #[arg(long)]
         name: Option<String>,
+        /// This member's peer URL for `--data-dir`, e.g. `https://10.0.1.10:2380`.
+        #[arg(long)]
+        peer_url: Option<String>,
+        /// The whole new cluster for `--data-dir`, `NAME=PEER_URL,...` (default: this
+        /// member alone).
+        #[arg(long)]
+        initial_cluster: Option<String>,
     },
     /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
     Prune {
@@ -109,6 +116,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a restore drill now: download the newest backup, verify it, restore it into a
+    /// throwaway etcd (when etcd and etcdutl are available) and check what it serves.
+    Drill(ConfigArg),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
 }

@@ -72,9 +72,22 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             output,
             data_dir,
             name,
+            peer_url,
+            initial_cluster,
         } => {
             let cfg = Config::load(&config.config)?;
-            restore(&cfg, &backup, &output, data_dir.as_deref(), name).await
+            let member = data_dir.map(|dir| {
+                let name = name.unwrap_or_else(crate::cycle::hostname);
+                let peer = peer_url.unwrap_or_default();
+                let cluster = initial_cluster.unwrap_or_else(|| format!("{name}={peer}"));
+                RestoreMember {
+                    dir,
+                    name,
+                    peer,
+                    cluster,
+                }
+            });
+            restore(&cfg, &backup, &output, member).await
         }
         Command::Prune {
             config,
@@ -83,6 +96,27 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
         } => {
             let cfg = Config::load(&config.config)?;
             prune(&cfg, dry_run, json).await
+        }
+        Command::Drill(ConfigArg { config }) => {
+            let cfg = Config::load(&config)?;
+            let store = open_store(&cfg)?;
+            let rep = crate::drill::run(&cfg, &store)
+                .await
+                .map_err(|e| failed(format!("restore drill failed: {e}")))?;
+            match (&rep.served_keys, &rep.not_restored) {
+                (Some(keys), _) => println!(
+                    "restore drill passed: backup {} restored into a throwaway etcd serving revision {} and {keys} keys, as its manifest says ({:.1} s)",
+                    rep.id,
+                    rep.revision,
+                    rep.duration.as_secs_f64()
+                ),
+                (None, Some(why)) => println!(
+                    "restore drill passed partly: backup {} downloaded and verified; {why}",
+                    rep.id
+                ),
+                (None, None) => println!("restore drill passed: backup {}", rep.id),
+            }
+            Ok(())
         }
         Command::CheckConfig(ConfigArg { config }) => {
             let cfg = Config::load(&config)?;
@@ -430,14 +464,21 @@ fn tempdir_in(spool: &std::path::Path) -> Result<std::path::PathBuf, CommandErro
     Ok(dir)
 }
 
+/// What `restore --data-dir` restores into.
+struct RestoreMember {
+    dir: std::path::PathBuf,
+    name: String,
+    peer: String,
+    cluster: String,
+}
+
 async fn restore(
     cfg: &Config,
     which: &str,
     output: &std::path::Path,
-    data_dir: Option<&std::path::Path>,
-    name: Option<String>,
+    member: Option<RestoreMember>,
 ) -> Result<(), CommandError> {
-    if let Some(d) = data_dir {
+    if let Some(RestoreMember { dir: d, .. }) = &member {
         if d.exists() {
             return Err(failed(format!(
                 "{}: already exists; restore never overwrites a data directory",
@@ -465,16 +506,22 @@ async fn restore(
     println!();
     println!("To restore a 3-member cluster, run on each member i (1..3) with the same file:");
     println!("  etcdutl snapshot restore {out} \\\n    --name NODE_i --data-dir /var/lib/etcd-restored \\\n    --initial-cluster NODE_1=https://IP_1:2380,NODE_2=https://IP_2:2380,NODE_3=https://IP_3:2380 \\\n    --initial-cluster-token etcd-cluster-restored \\\n    --initial-advertise-peer-urls https://IP_i:2380");
-    if let Some(d) = data_dir {
-        let name = name.unwrap_or_else(crate::cycle::hostname);
+    if let Some(RestoreMember {
+        dir: d,
+        name,
+        peer,
+        cluster,
+    }) = &member
+    {
         let status = tokio::process::Command::new("etcdutl")
             .arg("snapshot")
             .arg("restore")
             .arg(output)
             .arg("--data-dir")
             .arg(d)
-            .arg("--name")
-            .arg(&name)
+            .args(["--name", name])
+            .args(["--initial-cluster", cluster])
+            .args(["--initial-advertise-peer-urls", peer])
             .status()
             .await
             .map_err(|e| {

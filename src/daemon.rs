@@ -166,6 +166,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
     let mut server =
         Server::start(state.config.metrics.listen, http_state.clone(), &cancel).await?;
+    let driller = tokio::spawn(run_drills(
+        state_rx.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let refresher = tokio::spawn(run_refresh(
         state_rx,
         metrics.clone(),
@@ -279,14 +284,91 @@ pub async fn run(config: Config) -> Result<(), String> {
     }
     systemd::stopping();
     cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, refresher)
+    let tasks = async {
+        let _ = refresher.await;
+        let _ = driller.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks)
         .await
         .is_err()
     {
-        tracing::warn!("the refresh loop did not stop in time");
+        tracing::warn!("background tasks did not stop in time");
     }
     tracing::info!("etcd-backup daemon stopped");
     Ok(())
+}
+
+/// Runs restore drills on the `[drill] cron` schedule (none when it is unset).
+async fn run_drills(
+    mut state: watch::Receiver<Arc<State>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    'outer: loop {
+        let s = state.borrow_and_update().clone();
+        metrics
+            .restore_drill_enabled
+            .set(i64::from(s.config.drill.schedule.is_some()));
+        let next = s
+            .config
+            .drill
+            .schedule
+            .as_ref()
+            .and_then(|sched| sched.next_after(Utc::now()));
+        let Some(at) = next else {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = state.changed() => if r.is_err() { return } else { continue },
+            }
+        };
+        loop {
+            let now = Utc::now();
+            if now >= at {
+                break;
+            }
+            let wait = (at - now).to_std().unwrap_or_default().min(MAX_SLEEP);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {},
+                r = state.changed() => if r.is_err() { return } else { continue 'outer },
+            }
+        }
+        tracing::info!("starting restore drill");
+        let r = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = crate::drill::run(&s.config, &s.store) => r,
+        };
+        match r {
+            Ok(rep) => {
+                metrics
+                    .restore_drills
+                    .get_or_create(&ResultLabels {
+                        result: Outcome::Success,
+                    })
+                    .inc();
+                metrics
+                    .restore_drill_last_success_timestamp
+                    .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                tracing::info!(
+                    id = %rep.id,
+                    revision = rep.revision,
+                    served_keys = rep.served_keys,
+                    restored_into_etcd = rep.not_restored.is_none(),
+                    duration_ms = rep.duration.as_millis() as u64,
+                    "restore drill passed"
+                );
+            }
+            Err(e) => {
+                metrics
+                    .restore_drills
+                    .get_or_create(&ResultLabels {
+                        result: Outcome::Failure,
+                    })
+                    .inc();
+                tracing::error!(error = %e, "RESTORE DRILL FAILED: the newest backup could not be restored");
+            }
+        }
+    }
 }
 
 /// Keeps the DB-size and last-success metrics (and `/readyz`) current on every node.

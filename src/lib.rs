@@ -24,6 +24,7 @@ pub mod config;
 pub mod cycle;
 pub mod daemon;
 pub mod digest;
+pub mod drill;
 pub mod error;
 pub mod etcd;
 pub mod http;

@@ -131,6 +131,12 @@ pub struct Metrics {
     pub schedule_interval: FGauge,
     /// Configuration reloads by result.
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Restore drills by result.
+    pub restore_drills: Family<ResultLabels, Counter>,
+    /// Finish time of the last successful restore drill.
+    pub restore_drill_last_success_timestamp: FGauge,
+    /// 1 when restore drills are scheduled on this node.
+    pub restore_drill_enabled: Gauge,
     /// Always 1, labelled with the version.
     pub build_info: Family<VersionLabels, Gauge>,
 }
@@ -173,6 +179,9 @@ impl Metrics {
             etcd_up: Gauge::default(),
             schedule_interval: FGauge::default(),
             config_reloads: Family::default(),
+            restore_drills: Family::default(),
+            restore_drill_last_success_timestamp: FGauge::default(),
+            restore_drill_enabled: Gauge::default(),
             build_info: Family::default(),
         };
         let r = &mut registry;
@@ -281,6 +290,7 @@ impl Metrics {
             let l = ResultLabels { result };
             let _ = m.cycles.get_or_create(&l);
             let _ = m.config_reloads.get_or_create(&l);
+            let _ = m.restore_drills.get_or_create(&l);
         }
         for stage in [
             StageValue::Snapshot,

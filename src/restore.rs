@@ -142,7 +142,10 @@ pub async fn fetch_to_file(
             .await
             .map_err(|e| RestoreError::Corrupt {
                 id: m.id.clone(),
-                detail: format!("reading or decompressing {} failed: {e}", m.object),
+                detail: format!(
+                    "reading or decompressing the stored object {} failed ({e}): it was modified or damaged in storage, or the download broke off",
+                    m.object
+                ),
             })?;
         if n == 0 {
             break;

@@ -78,6 +78,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// `[metrics]`
     pub metrics: MetricsConfig,
+    /// `[drill]`
+    pub drill: DrillConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -204,6 +206,21 @@ pub struct MetricsConfig {
     pub store_refresh_interval: Duration,
 }
 
+/// Scheduled restore drills.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillConfig {
+    /// The cron expression as written; `None`: drills are off.
+    pub cron: Option<String>,
+    /// The parsed schedule.
+    #[serde(skip)]
+    pub schedule: Option<Schedule>,
+    /// Directory holding `etcd` and `etcdutl` (default: found on PATH).
+    pub etcd_dir: Option<PathBuf>,
+    /// Upper bound for starting the restored etcd and checking it.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
 /// Default `[metrics] listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9479";
 
@@ -283,9 +300,9 @@ mod raw {
         pub schedule: Schedule,
         pub retention: Retention,
         pub metrics: Metrics,
+        pub drill: Drill,
         pub election: Option<toml::Value>,
         pub encryption: Option<toml::Value>,
-        pub drill: Option<toml::Value>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -322,6 +339,14 @@ mod raw {
         pub compression: Option<String>,
         pub compression_level: Option<i32>,
         pub spool_dir: Option<String>,
+        pub timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Drill {
+        pub cron: Option<String>,
+        pub etcd_dir: Option<String>,
         pub timeout: Option<String>,
     }
 
@@ -459,7 +484,6 @@ impl Config {
         for (name, present) in [
             ("election", raw.election.is_some()),
             ("encryption", raw.encryption.is_some()),
-            ("drill", raw.drill.is_some()),
         ] {
             if present {
                 p.push(
@@ -478,6 +502,7 @@ impl Config {
         let schedule = Self::schedule_from_raw(raw.schedule, &mut p);
         let retention = Self::retention_from_raw(raw.retention, &mut p);
         let metrics = Self::metrics_from_raw(raw.metrics, &mut p);
+        let drill = Self::drill_from_raw(raw.drill, schedule.timezone, &mut p);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -487,6 +512,7 @@ impl Config {
                 schedule,
                 retention,
                 metrics,
+                drill,
                 source: path.to_path_buf(),
             })
         } else {
@@ -670,6 +696,31 @@ impl Config {
         }
     }
 
+    fn drill_from_raw(r: raw::Drill, tz: Tz, p: &mut Problems) -> DrillConfig {
+        let schedule = r
+            .cron
+            .as_deref()
+            .and_then(|c| match Schedule::parse(c, tz) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    p.push("drill.cron", e);
+                    None
+                }
+            });
+        let etcd_dir = r.etcd_dir.map(PathBuf::from);
+        if let Some(d) = &etcd_dir {
+            if !d.is_absolute() {
+                p.push("drill.etcd_dir", "must be an absolute path");
+            }
+        }
+        DrillConfig {
+            cron: r.cron,
+            schedule,
+            etcd_dir,
+            timeout: p.duration("drill.timeout", r.timeout.as_deref(), "5m"),
+        }
+    }
+
     fn metrics_from_raw(r: raw::Metrics, p: &mut Problems) -> MetricsConfig {
         let text = r
             .listen
@@ -760,6 +811,7 @@ impl Config {
             schedule: &'a ScheduleConfig,
             retention: &'a RetentionConfig,
             metrics: &'a MetricsConfig,
+            drill: &'a DrillConfig,
         }
         #[derive(Serialize)]
         struct EtcdView<'a> {
@@ -819,6 +871,7 @@ impl Config {
             schedule: &self.schedule,
             retention: &self.retention,
             metrics: &self.metrics,
+            drill: &self.drill,
         };
         toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
