@@ -149,14 +149,17 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
             }
         })
     };
+    let progress = crate::progress::Progress::new("snapshot");
     let r = cycle::run(CycleInput {
         config: cfg,
         store: &store,
         endpoint: &endpoint,
         cancel: &cancel,
         heartbeat: None,
+        progress: Some(&progress),
     })
     .await;
+    progress.finish();
     ctrl_c.abort();
     let report = r.map_err(failed)?;
     let m = &report.manifest;
@@ -411,7 +414,7 @@ async fn verify_backups(
     let mut bad = 0;
     for m in chosen {
         let dest = tmp.join(format!("{}.db", m.id));
-        let r = fetch::fetch_to_file(&store, m, &dest).await;
+        let r = fetch::fetch_to_file(&store, m, &dest, None).await;
         let _ = std::fs::remove_file(&dest);
         match r {
             Ok(rep) => {
@@ -489,9 +492,10 @@ async fn restore(
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
     let m = fetch::select(&listing, which).map_err(failed)?;
-    let rep = fetch::fetch_to_file(&store, m, output)
-        .await
-        .map_err(failed)?;
+    let progress = crate::progress::Progress::new("download");
+    let rep = fetch::fetch_to_file(&store, m, output, Some(&progress)).await;
+    progress.finish();
+    let rep = rep.map_err(failed)?;
     let out = output.display();
     println!(
         "restored backup {} (revision {}, {} live keys, taken {}) to {out}; sha256 and snapshot structure verified",

@@ -60,6 +60,8 @@ pub struct CycleInput<'a> {
     pub cancel: &'a CancellationToken,
     /// Beaten while the cycle makes progress (feeds the systemd watchdog).
     pub heartbeat: Option<&'a Heartbeat>,
+    /// Shows the snapshot's progress to a person (one-shot runs).
+    pub progress: Option<&'a crate::progress::Progress>,
 }
 
 /// Runs one cycle.
@@ -149,6 +151,10 @@ async fn stages(
     );
 
     let mut stream = member.snapshot().await.map_err(|e| snap_err(&e))?;
+    let progress = input.progress;
+    if let Some(p) = progress {
+        p.set_total(u64::try_from(status.db_size).unwrap_or(0) + 32);
+    }
     let (raw_tx, raw_rx) = mpsc::channel(pipeline::RAW_QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<bytes::Bytes>(pipeline::OUT_QUEUE);
     let spool_path = spool.path().to_path_buf();
@@ -159,6 +165,9 @@ async fn stages(
 
     let read = async move {
         while let Some(chunk) = stream.next_chunk().await.map_err(|e| snap_err(&e))? {
+            if let Some(p) = progress {
+                p.inc(chunk.len() as u64);
+            }
             if raw_tx.send(chunk).await.is_err() {
                 // The pipeline stopped; its own error says why.
                 break;

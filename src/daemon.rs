@@ -244,6 +244,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             endpoint: &endpoint,
             cancel: &cancel,
             heartbeat: Some(&heartbeat),
+            progress: None,
         })
         .await;
         if !cancel.is_cancelled() {

@@ -77,7 +77,7 @@ pub async fn run(cfg: &Config, store: &BackupStore) -> Result<DrillReport, Strin
     })?;
     let _guard = TempDir(dir.clone());
     let file = dir.join("snapshot.db");
-    restore::fetch_to_file(store, &m, &file)
+    restore::fetch_to_file(store, &m, &file, None)
         .await
         .map_err(|e| e.to_string())?;
 

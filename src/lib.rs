@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod naming;
 pub mod pipeline;
+pub mod progress;
 pub mod prune;
 pub mod restore;
 pub mod retention;

@@ -89,7 +89,11 @@ pub async fn fetch_to_file(
     store: &BackupStore,
     m: &Manifest,
     dest: &Path,
+    progress: Option<&crate::progress::Progress>,
 ) -> Result<FetchReport, RestoreError> {
+    if let Some(p) = progress {
+        p.set_total(m.size);
+    }
     let file_err = |detail: String| RestoreError::File {
         path: dest.to_path_buf(),
         detail,
@@ -152,6 +156,9 @@ pub async fn fetch_to_file(
         }
         raw_hash.update(&buf[..n]);
         raw_len += n as u64;
+        if let Some(p) = progress {
+            p.inc(n as u64);
+        }
         out.write_all(&buf[..n])
             .await
             .map_err(|e| file_err(format!("writing failed: {e}; check free space")))?;
