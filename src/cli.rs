@@ -121,4 +121,11 @@ pub enum Command {
     Drill(ConfigArg),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
+    /// Write the man pages and shell completions (used when packaging).
+    #[command(hide = true)]
+    GenDocs {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }

@@ -118,6 +118,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             }
             Ok(())
         }
+        Command::GenDocs { out } => gen_docs(&out).map_err(failed),
         Command::CheckConfig(ConfigArg { config }) => {
             let cfg = Config::load(&config)?;
             print!("{}", cfg.to_redacted_toml());
@@ -541,6 +542,30 @@ async fn restore(
         println!();
         println!("etcdutl restored member {name:?} into {}", d.display());
     }
+    Ok(())
+}
+
+/// Writes `man/etcd-backup.1`, one page per subcommand, and bash/zsh/fish completions.
+fn gen_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let cmd = crate::cli::Cli::command();
+    let man = out.join("man");
+    let comp = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&comp)?;
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "etcd-backup", &comp)?;
+    }
+    eprintln!(
+        "wrote man pages to {} and completions to {}",
+        man.display(),
+        comp.display()
+    );
     Ok(())
 }
 

@@ -1,0 +1,250 @@
+//! The daemon as systemd runs it: the notify protocol on a real `NOTIFY_SOCKET`, SIGHUP
+//! reloads (good and broken files), and SIGTERM in the middle of an upload.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use support::garage::garage;
+
+fn spawn_daemon(config: &Path, log: &Path, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+    cmd.args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") || k == "NOTIFY_SOCKET" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill")
+        .args(["-s", sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn write_config(path: &Path, endpoint: &str, storage: &str, spool: &Path, cron: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[etcd]\nendpoints = [\"{endpoint}\"]\n[storage]\n{storage}\n[backup]\ncluster_name = \"d\"\nspool_dir = \"{}\"\n[schedule]\ncron = \"{cron}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            spool.display(),
+            support::free_port()
+        ),
+    )
+    .unwrap();
+}
+
+/// Reads notify datagrams until `until` matches one or the timeout passes.
+fn read_until(sock: &UnixDatagram, got: &mut Vec<String>, until: &str, timeout: Duration) {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < timeout {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let hit = msg.lines().any(|l| l == until);
+            got.push(msg);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no {until:?} within {timeout:?}; received: {got:#?}");
+}
+
+#[test]
+fn notify_protocol_reload_and_stop() {
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let cluster = EtcdCluster::start(&bins, 1);
+    cluster.put("/k", "v");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let storage = format!("url = \"file://{}\"", dir.path().join("b").display());
+    // Never fires during the test at first.
+    write_config(
+        &config,
+        &cluster.client_url(0),
+        &storage,
+        &dir.path().join("s"),
+        "0 0 1 1 *",
+    );
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(
+        &config,
+        &log,
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "3000000".to_string()),
+        ],
+    );
+    let mut got = Vec::new();
+    read_until(&sock, &mut got, "READY=1", Duration::from_secs(20));
+    assert!(got.last().unwrap().contains("STATUS="), "{got:?}");
+    // The watchdog is fed every WATCHDOG_USEC / 2 while the loop is alive.
+    read_until(&sock, &mut got, "WATCHDOG=1", Duration::from_secs(5));
+    read_until(&sock, &mut got, "WATCHDOG=1", Duration::from_secs(5));
+
+    // SIGHUP with a changed schedule: RELOADING=1 + MONOTONIC_USEC, then READY=1, and the
+    // new schedule runs a backup.
+    write_config(
+        &config,
+        &cluster.client_url(0),
+        &storage,
+        &dir.path().join("s"),
+        "*/2 * * * * *",
+    );
+    got.clear();
+    signal(&child, "HUP");
+    read_until(&sock, &mut got, "RELOADING=1", Duration::from_secs(10));
+    let reloading = got.last().unwrap().clone();
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    read_until(&sock, &mut got, "READY=1", Duration::from_secs(10));
+    support::wait_until(
+        "a backup on the new schedule",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("scheduled backup committed")
+        },
+    );
+
+    // SIGHUP with a broken file: rejected, the old configuration stays, the daemon works on.
+    std::fs::write(&config, "[schedule]\ncron = \"not a schedule\"\n").unwrap();
+    got.clear();
+    signal(&child, "HUP");
+    read_until(&sock, &mut got, "READY=1", Duration::from_secs(10));
+    let before = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("scheduled backup committed")
+        .count();
+    support::wait_until(
+        "backups to go on with the old configuration",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .matches("scheduled backup committed")
+                .count()
+                > before
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("configuration reload rejected"), "{text}");
+    assert!(
+        text.contains("schedule.cron"),
+        "the log names the bad key: {text}"
+    );
+
+    // SIGTERM: STOPPING=1 and a clean exit.
+    got.clear();
+    signal(&child, "TERM");
+    read_until(&sock, &mut got, "STOPPING=1", Duration::from_secs(10));
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
+
+/// Loads ~150 MB so that a cycle takes long enough to be interrupted.
+async fn load_big(endpoint: &str) {
+    let c = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4u32 {
+        let mut kv = c.kv_client();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..150u32 {
+                let ops = (0..16u32)
+                    .map(|j| {
+                        let v: String = (0..16_000u32)
+                            .map(|k| (b'a' + ((k * 7 + i * 13 + j + t) % 26) as u8) as char)
+                            .collect();
+                        etcd_client::TxnOp::put(format!("/big/{t}/{i}/{j}"), v, None)
+                    })
+                    .collect::<Vec<_>>();
+                kv.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_upload_leaves_no_manifest_and_no_incomplete_upload() {
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let cluster = EtcdCluster::start(&bins, 1);
+    load_big(&cluster.client_url(0)).await;
+    let g = garage();
+    let bucket = g.create_bucket("sigterm");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let storage = format!(
+        "url = \"s3://{bucket}/p\"\nendpoint = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"",
+        g.s3_endpoint, g.access_key_id, g.secret_access_key
+    );
+    let spool: PathBuf = dir.path().join("s");
+    write_config(
+        &config,
+        &cluster.client_url(0),
+        &storage,
+        &spool,
+        "*/2 * * * * *",
+    );
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log, &[("RUST_LOG", "debug".into())]);
+    // Wait until the snapshot stream is flowing, then stop the daemon.
+    support::wait_until("a cycle to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("connected to etcd")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "TERM");
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "shutdown took too long"
+    );
+    assert!(
+        text.contains("backup aborted by shutdown")
+            && text.contains("aborted the incomplete upload"),
+        "the cycle was not interrupted mid-upload (it may have finished first): {text}"
+    );
+    let cfg =
+        etcd_backup::config::Config::load_with_env(&config, Some(Default::default())).unwrap();
+    let store = etcd_backup::store::BackupStore::open(&cfg.storage, "d").unwrap();
+    let listing = store.list().await.unwrap();
+    assert!(
+        listing.backups.is_empty() && listing.data_objects.is_empty(),
+        "{listing:?}"
+    );
+    assert_eq!(g.incomplete_multipart_uploads(&bucket), 0);
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spool files left: {left:?}");
+}
