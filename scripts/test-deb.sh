@@ -53,6 +53,13 @@ echo "== installed check-config"
 /usr/bin/etcd-backup --version
 pass "check-config on the shipped configuration"
 
+echo "== reinstall (upgrade path) keeps the edited configuration"
+echo "# edited by the operator" >> /etc/etcd-backup/config.toml
+dpkg -i --force-confold "$deb" >/dev/null
+grep -q "^# edited by the operator$" /etc/etcd-backup/config.toml || fail "the edited configuration was replaced"
+[ "$(stat -c '%a %U %G' /etc/etcd-backup/config.toml)" = "640 root etcd-backup" ] || fail "config mode changed on upgrade"
+pass "upgrade keeps the configuration and its mode"
+
 echo "== dpkg --purge"
 dpkg --purge etcd-backup
 for p in /usr/bin/etcd-backup /etc/etcd-backup /var/lib/etcd-backup "$unit" \

@@ -1,23 +1,26 @@
-//! A read-only, iterative walk of a bbolt database: meta pages, every page of every bucket
-//! tree (nested and inline buckets included), with the checks bbolt's own `tx.Check()`
-//! makes, reporting entries to a [`Visitor`] in key order.
+//! A read-only, iterative walk of a bbolt database: both meta pages, then every page of
+//! every bucket tree (nested and inline buckets included), with the checks bbolt's own
+//! `tx.Check()` makes and a few stricter ones, reporting entries to a [`Visitor`] in key
+//! order.
 //!
 //! On-disk format (little-endian):
 //! - page header, 16 bytes: `id u64, flags u16, count u16, overflow u32`; flags are
-//!   branch `0x01`, leaf `0x02`, meta `0x04`, freelist `0x10`; a page spans
+//!   branch `0x01`, leaf `0x02`, meta `0x04`, freelist `0x10` (exact values); a page spans
 //!   `(overflow + 1) × page_size` bytes;
 //! - meta (pages 0 and 1, at offset 16): `magic u32 = 0xED0CDAED, version u32 = 2,
 //!   page_size u32, flags u32, root u64, sequence u64, freelist u64, pgid u64, txid u64,
-//!   checksum u64` where `checksum` is FNV-1a 64 of the 56 bytes before it;
+//!   checksum u64`, where `checksum` is FNV-1a 64 of the 56 bytes before it;
 //! - branch element, 16 bytes: `pos u32, ksize u32, pgid u64`, key at element + pos;
 //! - leaf element, 16 bytes: `flags u32, pos u32, ksize u32, vsize u32`, key at element +
 //!   pos, value right after; flag `0x01` marks a sub-bucket whose value starts with
 //!   `root u64, sequence u64` and, when `root == 0`, holds the bucket inline as a page.
 //!
-//! Nothing here trusts a length from the file: every offset is bounds-checked, every page
-//! is visited at most once (a bitmap), and the walk uses an explicit stack.
+//! Nothing here trusts a length from the file: every offset is bounds-checked before use,
+//! every page is reached at most once (a one-bit-per-page bitmap), and the walk keeps an
+//! explicit stack of the pages on the current path only (one frame per tree level), so
+//! memory is a few page spans plus the bitmap whatever the file claims.
 
-use super::{Source, VerifyError};
+use super::{PageFault, Source, VerifyError};
 
 const MAGIC: u32 = 0xED0C_DAED;
 const VERSION: u32 = 2;
@@ -28,12 +31,27 @@ const FREELIST: u16 = 0x10;
 const BUCKET_LEAF_FLAG: u32 = 0x01;
 const HEADER: usize = 16;
 const ELEMENT: usize = 16;
+const META_SIZE: usize = 64;
+const BUCKET_HEADER: usize = 16;
+/// bbolt's `PgidNoFreelist`: no freelist is stored (etcd's default on Linux).
 const NO_FREELIST: u64 = u64::MAX;
-const MAX_KEY: usize = 32768;
-/// The largest page span read at once; a larger overflow count is treated as corruption.
-const MAX_SPAN: u64 = 1 << 30;
-/// Deepest bucket nesting accepted.
-const MAX_BUCKET_DEPTH: usize = 64;
+/// bbolt's `MaxKeySize`.
+const MAX_KEY: u32 = 32768;
+/// The largest page span (a page and its overflow pages) the verifier reads. etcd limits a
+/// request to 1.5 MiB by default, so real spans are far smaller; a larger claim is treated
+/// as corruption rather than allocated.
+pub const MAX_SPAN: u64 = 128 << 20;
+/// The most bytes of page spans held at once along the current path.
+const MAX_HELD: u64 = 2 * MAX_SPAN;
+/// The deepest path accepted (tree levels of all nested buckets together). A bbolt tree
+/// over an 8 GiB file is about 5 levels deep, and etcd nests no buckets.
+const MAX_FRAMES: usize = 256;
+/// Buffers with more capacity than this are freed instead of reused.
+const POOL_MAX_CAPACITY: usize = 4 << 20;
+/// Page sizes probed for meta page 1 when meta page 0 is unreadable.
+const PROBE_PAGE_SIZES: [u32; 11] = [
+    4096, 16384, 65536, 8192, 32768, 1024, 2048, 131_072, 262_144, 524_288, 1 << 20,
+];
 
 /// A valid meta page.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,44 +62,106 @@ pub struct Meta {
     pub root: u64,
     /// Freelist page, or `u64::MAX` when none is stored.
     pub freelist: u64,
-    /// High-water mark: pages in the file.
+    /// High-water mark: pages in the database.
     pub pgid: u64,
     /// Transaction id.
     pub txid: u64,
 }
 
+/// The meta page in use and what was wrong with the other one, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaChoice {
+    /// The meta in use.
+    pub meta: Meta,
+    /// Which meta page it came from (0 or 1).
+    pub index: u8,
+    /// Why the other meta page is invalid, when it is.
+    pub other_invalid: Option<String>,
+}
+
+/// Where an entry sits, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// The page holding the entry (for an inline bucket, the page holding the bucket).
+    pub page: u64,
+    /// The element index within its page (within the inline page for an inline bucket).
+    pub element: usize,
+    /// Whether the entry is inside an inline bucket.
+    pub inline: bool,
+}
+
+impl std::fmt::Display for Loc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.inline {
+            write!(
+                f,
+                "element {} of an inline bucket in page {}",
+                self.element, self.page
+            )
+        } else {
+            write!(f, "page {}, element {}", self.page, self.element)
+        }
+    }
+}
+
 /// Receives a database's contents in key order.
 pub trait Visitor {
-    /// A bucket starts; `depth` 1 is a top-level bucket.
+    /// An entry of the bucket at `depth` (0 is the root bucket, whose entries are the
+    /// top-level buckets). `value` is `None` for a sub-bucket, whose contents follow
+    /// between [`Visitor::bucket_begin`] and [`Visitor::bucket_end`].
     ///
     /// # Errors
-    /// A message that ends the walk.
-    fn bucket_begin(&mut self, depth: usize, name: &[u8]) -> Result<(), String>;
-    /// An entry of the bucket at `depth` (0 = the root bucket, whose entries are the
-    /// top-level buckets); `value` is `None` for a sub-bucket.
+    /// An error that ends the walk.
+    fn entry(
+        &mut self,
+        depth: usize,
+        key: &[u8],
+        value: Option<&[u8]>,
+        loc: Loc,
+    ) -> Result<(), VerifyError>;
+    /// The contents of sub-bucket `name` start; it is at `depth` (1 is top-level).
     ///
     /// # Errors
-    /// A message that ends the walk.
-    fn entry(&mut self, depth: usize, key: &[u8], value: Option<&[u8]>) -> Result<(), String>;
+    /// An error that ends the walk.
+    fn bucket_begin(&mut self, depth: usize, name: &[u8], loc: Loc) -> Result<(), VerifyError>;
     /// The bucket at `depth` ends.
     ///
     /// # Errors
-    /// A message that ends the walk.
-    fn bucket_end(&mut self, depth: usize) -> Result<(), String>;
+    /// An error that ends the walk.
+    fn bucket_end(&mut self, depth: usize) -> Result<(), VerifyError>;
 }
 
-fn corrupt(msg: String) -> VerifyError {
-    VerifyError::Structure(msg)
+/// What the walk found besides the entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalkSummary {
+    /// Pages neither reachable from the root nor the freelist page: free pages (with no
+    /// freelist stored, free is by definition what is not reachable).
+    pub unreachable_pages: u64,
+    /// Branch pages walked.
+    pub branch_pages: u64,
+    /// Leaf pages walked.
+    pub leaf_pages: u64,
+    /// Overflow pages (beyond the first page of a span) walked.
+    pub overflow_pages: u64,
+    /// Inline buckets walked.
+    pub inline_buckets: u64,
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
+    match b.get(o..o + 2) {
+        Some(s) => u16::from_le_bytes([s[0], s[1]]),
+        None => 0,
+    }
 }
 fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+    b.get(o..o + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+    b.get(o..o + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// FNV-1a, 64 bit.
@@ -94,40 +174,75 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     h
 }
 
-/// Parses the meta page stored at `offset` as page `index`; `Err` says why it is invalid.
-fn read_meta<S: Source + ?Sized>(src: &S, offset: u64, index: u64) -> Result<Meta, String> {
-    let mut b = [0u8; HEADER + 64];
-    src.read_at(offset, &mut b).map_err(|_| {
-        format!("meta page {index} at offset {offset} is beyond the end of the file")
-    })?;
+/// Lowercase hex of at most the first 40 bytes, for messages.
+pub(crate) fn hex_prefix(b: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(b.len().min(40) * 2 + 3);
+    for x in b.iter().take(40) {
+        let _ = write!(s, "{x:02x}");
+    }
+    if b.len() > 40 {
+        s.push_str("...");
+    }
+    s
+}
+
+/// Parses the meta page stored at `offset` as meta page `index`; `Err` says why it is
+/// invalid. `expect_page_size` is the offset itself for meta page 1.
+fn read_meta<S: Source + ?Sized>(
+    src: &S,
+    db_len: u64,
+    offset: u64,
+    index: u64,
+    expect_page_size: Option<u32>,
+) -> Result<Meta, String> {
+    let mut b = [0u8; HEADER + META_SIZE];
+    if offset + b.len() as u64 > db_len {
+        return Err(format!(
+            "it would lie at offset {offset}, beyond the end of the {db_len}-byte database"
+        ));
+    }
+    src.read_at(offset, &mut b)
+        .map_err(|e| format!("cannot read it at offset {offset}: {e}"))?;
     let (id, flags) = (u64_at(&b, 0), u16_at(&b, 8));
     let m = &b[HEADER..];
     let magic = u32_at(m, 0);
     if magic != MAGIC {
         return Err(if magic.swap_bytes() == MAGIC {
-            format!("meta page {index}: big-endian database (written on a big-endian host); not supported")
+            "byte-swapped magic: the database was written on a big-endian host; not supported"
+                .to_string()
         } else {
-            format!("meta page {index}: bad magic {magic:#010x}")
+            format!("bad magic {magic:#010x} (expected {MAGIC:#010x}): not a bbolt meta page")
         });
     }
     let version = u32_at(m, 4);
     if version != VERSION {
-        return Err(format!("meta page {index}: unsupported version {version}"));
+        return Err(format!(
+            "unsupported format version {version} (expected {VERSION})"
+        ));
     }
     let sum = u64_at(m, 56);
-    if fnv1a64(&m[..56]) != sum {
-        return Err(format!("meta page {index}: checksum mismatch"));
+    let computed = fnv1a64(&m[..56]);
+    if computed != sum {
+        return Err(format!(
+            "checksum mismatch (stored {sum:#018x}, computed {computed:#018x}): the meta page is damaged"
+        ));
     }
     if flags != META || id != index {
         return Err(format!(
-            "meta page {index}: page header says id {id}, flags {flags:#06x} (expected id {index}, meta flags)"
+            "page header says id {id}, flags {flags:#06x} (expected id {index}, meta flags {META:#06x})"
         ));
     }
     let page_size = u32_at(m, 8);
-    if !page_size.is_power_of_two() || !(512..=1 << 20).contains(&page_size) {
-        return Err(format!(
-            "meta page {index}: implausible page size {page_size}"
-        ));
+    if !page_size.is_power_of_two() || !(1024..=1 << 20).contains(&page_size) {
+        return Err(format!("implausible page size {page_size}"));
+    }
+    if let Some(ps) = expect_page_size {
+        if page_size != ps {
+            return Err(format!(
+                "it says page size {page_size} but sits at offset {ps}"
+            ));
+        }
     }
     let meta = Meta {
         page_size,
@@ -138,513 +253,698 @@ fn read_meta<S: Source + ?Sized>(src: &S, offset: u64, index: u64) -> Result<Met
     };
     if meta.pgid < 3 || meta.root < 2 || meta.root >= meta.pgid {
         return Err(format!(
-            "meta page {index}: root page {} outside the {} pages of the database",
+            "root page {} is outside the {} pages of the database",
             meta.root, meta.pgid
         ));
     }
     if meta.freelist != NO_FREELIST && (meta.freelist < 2 || meta.freelist >= meta.pgid) {
         return Err(format!(
-            "meta page {index}: freelist page {} outside the {} pages of the database",
+            "freelist page {} is outside the {} pages of the database",
             meta.freelist, meta.pgid
         ));
     }
     Ok(meta)
 }
 
-/// Reads both meta pages; both must be valid (etcd writes both into every snapshot). The
-/// one with the higher transaction id is used.
-fn metas<S: Source + ?Sized>(src: &S) -> Result<Meta, VerifyError> {
-    let m0 = read_meta(src, 0, 0);
-    let page_size = match &m0 {
-        Ok(m) => Some(u64::from(m.page_size)),
-        Err(_) => [4096u64, 8192, 16384, 65536, 32768, 1024, 2048, 512]
-            .into_iter()
-            .find(|&ps| read_meta(src, ps, 1).is_ok_and(|m| u64::from(m.page_size) == ps)),
-    };
-    let m1 = match page_size {
-        Some(ps) => read_meta(src, ps, 1),
-        None => Err("meta page 1: not found at any page size".to_string()),
+/// Reads both meta pages and picks the one bbolt would use: the valid one with the higher
+/// transaction id, else the only valid one.
+///
+/// # Errors
+/// [`VerifyError::Meta`] when neither is valid.
+pub fn choose_meta<S: Source + ?Sized>(src: &S, db_len: u64) -> Result<MetaChoice, VerifyError> {
+    let m0 = read_meta(src, db_len, 0, 0, None);
+    let m1 = match &m0 {
+        Ok(m) => read_meta(
+            src,
+            db_len,
+            u64::from(m.page_size),
+            1,
+            Some(m.page_size),
+        ),
+        Err(_) => {
+            // Like bbolt, look for meta page 1 at the usual page sizes.
+            let mut found = Err("not found at any plausible page size".to_string());
+            for ps in PROBE_PAGE_SIZES {
+                let r = read_meta(src, db_len, u64::from(ps), 1, Some(ps));
+                if r.is_ok() {
+                    found = r;
+                    break;
+                }
+                if ps == 4096 {
+                    found = r.map_err(|e| format!("at offset 4096: {e}"));
+                }
+            }
+            found
+        }
     };
     match (m0, m1) {
-        (Ok(a), Ok(b)) => {
-            if a.page_size != b.page_size {
-                return Err(corrupt(format!(
-                    "the meta pages disagree on the page size ({} and {})",
-                    a.page_size, b.page_size
-                )));
+        (Ok(a), Ok(b)) => Ok(if b.txid > a.txid {
+            MetaChoice {
+                meta: b,
+                index: 1,
+                other_invalid: None,
             }
-            Ok(if b.txid > a.txid { b } else { a })
-        }
-        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(corrupt(format!(
-            "{e} (offset {}), while the other meta page is valid",
-            if e.starts_with("meta page 0") {
-                0
-            } else {
-                page_size.unwrap_or(0)
+        } else {
+            MetaChoice {
+                meta: a,
+                index: 0,
+                other_invalid: None,
             }
-        ))),
-        (Err(a), Err(b)) => Err(corrupt(format!("both meta pages are invalid: {a}; {b}"))),
+        }),
+        (Ok(a), Err(e)) => Ok(MetaChoice {
+            meta: a,
+            index: 0,
+            other_invalid: Some(format!("meta page 1: {e}")),
+        }),
+        (Err(e), Ok(b)) => Ok(MetaChoice {
+            meta: b,
+            index: 1,
+            other_invalid: Some(format!("meta page 0: {e}")),
+        }),
+        (Err(meta0), Err(meta1)) => Err(VerifyError::Meta { meta0, meta1 }),
     }
 }
 
-/// Work items of the iterative walk.
-enum Item {
-    /// Visit page `pgid` of the current bucket; its first key must be `first`.
-    Page {
-        pgid: u64,
-        parent: u64,
-        first: Option<Vec<u8>>,
-    },
-    /// Continue a leaf page from element `from` (after a sub-bucket was walked).
-    Resume { pgid: u64, from: usize },
-    /// An inline bucket's page.
-    Inline { page: Vec<u8>, from: usize },
-    /// The current bucket ends.
-    EndBucket,
+/// One bit per page.
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new(bits: u64) -> Self {
+        Bitmap(vec![0; usize::try_from(bits.div_ceil(64)).unwrap_or(0)])
+    }
+    fn get(&self, i: u64) -> bool {
+        let w = usize::try_from(i / 64).unwrap_or(usize::MAX);
+        self.0.get(w).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    fn set(&mut self, i: u64) {
+        let w = usize::try_from(i / 64).unwrap_or(usize::MAX);
+        if let Some(w) = self.0.get_mut(w) {
+            *w |= 1 << (i % 64);
+        }
+    }
 }
 
-/// Per-bucket state: the last key seen, for ordering across pages.
+/// A page on the current path.
+struct PageFrame {
+    /// The page span, or an inline bucket's page.
+    buf: Vec<u8>,
+    /// The page id (for an inline page, the page holding it).
+    pgid: u64,
+    inline: bool,
+    branch: bool,
+    count: usize,
+    /// The next element to process.
+    next: usize,
+}
+
+enum Frame {
+    Page(PageFrame),
+    /// Closes the innermost bucket when popped.
+    BucketEnd,
+}
+
+/// Per open bucket: the last key seen, for ordering across pages.
 struct BucketState {
-    last: Option<Vec<u8>>,
+    last: Vec<u8>,
+    has_last: bool,
 }
 
 struct Walker<'a, S: Source + ?Sized, V: Visitor> {
     src: &'a S,
     ps: u64,
     hwm: u64,
-    visited: Vec<u64>,
-    free: Vec<u64>,
-    buf: Vec<u8>,
-    stack: Vec<Item>,
+    reached: Bitmap,
+    free: Option<Bitmap>,
+    frames: Vec<Frame>,
+    held: u64,
+    pool: Vec<Vec<u8>>,
     buckets: Vec<BucketState>,
+    expect: Vec<u8>,
     visitor: &'a mut V,
+    stats: WalkSummary,
 }
 
-fn bit(set: &[u64], i: u64) -> bool {
-    set[(i / 64) as usize] & (1 << (i % 64)) != 0
-}
-fn set_bit(set: &mut [u64], i: u64) {
-    set[(i / 64) as usize] |= 1 << (i % 64);
-}
-
-/// Walks the database in `src[..db_len]`, calling `visitor` for every bucket and entry.
+/// Walks the database `src[..db_len]` from `meta`'s root, checking its structure and
+/// calling `visitor` for every bucket and entry in key order.
 ///
 /// # Errors
-/// [`VerifyError::Structure`] for any structural problem, [`VerifyError::Etcd`] for an
-/// error returned by the visitor.
+/// [`VerifyError::Length`] when the database length disagrees with the meta page,
+/// [`VerifyError::Page`] for any structural problem, [`VerifyError::Io`] when reading
+/// fails, and whatever the visitor returns.
 pub fn walk<S: Source + ?Sized, V: Visitor>(
     src: &S,
-    db_len: u64,
+    meta: &Meta,
     visitor: &mut V,
-) -> Result<Meta, VerifyError> {
-    if db_len < 2 * 512 {
-        return Err(corrupt(format!(
-            "the file is only {db_len} bytes: too short for a database"
-        )));
-    }
-    let meta = metas(src)?;
+) -> Result<WalkSummary, VerifyError> {
     let ps = u64::from(meta.page_size);
-    let expected = meta
-        .pgid
-        .checked_mul(ps)
-        .ok_or_else(|| corrupt(format!("page count {} is implausible", meta.pgid)))?;
-    if db_len != expected {
-        return Err(corrupt(format!(
-            "the database is {db_len} bytes but its meta page says {} pages of {ps} bytes = {expected} bytes: the file is {}",
-            meta.pgid,
-            if db_len < expected { "truncated" } else { "longer than its database" }
-        )));
-    }
-    let words = meta.pgid.div_ceil(64) as usize;
     let mut w = Walker {
         src,
         ps,
         hwm: meta.pgid,
-        visited: vec![0; words],
-        free: vec![0; words],
-        buf: Vec::new(),
-        stack: Vec::new(),
+        reached: Bitmap::new(meta.pgid),
+        free: None,
+        frames: Vec::new(),
+        held: 0,
+        pool: Vec::new(),
         buckets: Vec::new(),
+        expect: Vec::new(),
         visitor,
+        stats: WalkSummary {
+            unreachable_pages: 0,
+            branch_pages: 0,
+            leaf_pages: 0,
+            overflow_pages: 0,
+            inline_buckets: 0,
+        },
     };
-    set_bit(&mut w.visited, 0);
-    set_bit(&mut w.visited, 1);
+    w.reached.set(0);
+    w.reached.set(1);
     if meta.freelist != NO_FREELIST {
         w.read_freelist(meta.freelist)?;
     }
-    w.buckets.push(BucketState { last: None });
-    w.stack.push(Item::EndBucket);
-    w.stack.push(Item::Page {
-        pgid: meta.root,
-        parent: 0,
-        first: None,
+    w.buckets.push(BucketState {
+        last: Vec::new(),
+        has_last: false,
     });
-    while let Some(item) = w.stack.pop() {
-        match item {
-            Item::Page {
-                pgid,
-                parent,
-                first,
-            } => w.page(pgid, parent, first.as_deref())?,
-            Item::Resume { pgid, from } => {
-                w.load(pgid)?;
-                let page = std::mem::take(&mut w.buf);
-                let r = w.leaf(&page, pgid, from);
-                w.buf = page;
-                r?;
+    w.push_page(meta.root, None, None)?;
+    w.run()?;
+    let mut unreachable = 0u64;
+    // With a stored freelist, every page is either reachable or free.
+    for p in 2..meta.pgid {
+        if !w.reached.get(p) {
+            if w.free.as_ref().is_some_and(|f| !f.get(p)) {
+                return Err(w.fault(
+                    p,
+                    PageFault::Unreachable,
+                    "is neither reachable from the root nor in the freelist: the page tree lost a subtree".to_string(),
+                ));
             }
-            Item::Inline { page, from } => w.leaf(&page, 0, from)?,
-            Item::EndBucket => {
-                let depth = w.buckets.len() - 1;
-                w.buckets.pop();
-                if depth > 0 {
-                    w.visitor.bucket_end(depth).map_err(VerifyError::Etcd)?;
-                }
-            }
+            unreachable += 1;
         }
     }
-    if meta.freelist != NO_FREELIST {
-        for p in 2..meta.pgid {
-            if !bit(&w.visited, p) && !bit(&w.free, p) {
-                return Err(corrupt(format!(
-                    "page {p} (offset {}) is neither reachable nor free",
-                    p * ps
-                )));
-            }
-        }
-    }
-    Ok(meta)
+    w.stats.unreachable_pages = unreachable;
+    Ok(w.stats)
 }
 
 impl<S: Source + ?Sized, V: Visitor> Walker<'_, S, V> {
-    fn at(&self, pgid: u64) -> String {
-        format!("page {pgid} (offset {})", pgid.saturating_mul(self.ps))
+    fn fault(&self, page: u64, fault: PageFault, detail: String) -> VerifyError {
+        VerifyError::Page {
+            page,
+            offset: page.saturating_mul(self.ps),
+            fault,
+            detail,
+        }
+    }
+
+    fn take_buf(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    fn give_buf(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() <= POOL_MAX_CAPACITY {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    /// Reads page `pgid` with its overflow pages into `buf`, after checking that the span
+    /// is inside the database and reached for the first time (marking it). `from` names the
+    /// referring page and element for messages. Returns `(flags, count)`.
+    fn load(
+        &mut self,
+        pgid: u64,
+        from: Option<(u64, usize)>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(u16, u16), VerifyError> {
+        let from_text = match from {
+            Some((p, i)) => format!("page {p} element {i}"),
+            None => "the meta page".to_string(),
+        };
+        if pgid < 2 || pgid >= self.hwm {
+            let (page, what) = match from {
+                Some((p, _)) => (p, format!("{from_text} points to page {pgid}")),
+                None => (pgid, format!("the meta page points to page {pgid}")),
+            };
+            return Err(self.fault(
+                page,
+                PageFault::OutOfBounds,
+                format!(
+                    "{what}, outside the database's pages 2..{}",
+                    self.hwm
+                ),
+            ));
+        }
+        if self.reached.get(pgid) {
+            return Err(self.fault(
+                pgid,
+                PageFault::ReachedTwice,
+                format!("is reached a second time (from {from_text}): pages are shared or form a cycle"),
+            ));
+        }
+        let ps = usize::try_from(self.ps).unwrap_or(usize::MAX);
+        buf.clear();
+        buf.resize(ps, 0);
+        self.read(pgid * self.ps, buf)?;
+        let id = u64_at(buf, 0);
+        let flags = u16_at(buf, 8);
+        let count = u16_at(buf, 10);
+        let overflow = u64::from(u32_at(buf, 12));
+        if id != pgid {
+            return Err(self.fault(
+                pgid,
+                PageFault::WrongId,
+                format!(
+                    "has id {id} in its header (reached from {from_text}): pages are misplaced, swapped or overwritten"
+                ),
+            ));
+        }
+        let last = pgid + overflow;
+        if last >= self.hwm {
+            return Err(self.fault(
+                pgid,
+                PageFault::OutOfBounds,
+                format!(
+                    "claims {overflow} overflow pages, running past the last page {}",
+                    self.hwm - 1
+                ),
+            ));
+        }
+        let span = (overflow + 1) * self.ps;
+        if span > MAX_SPAN || self.held + span > MAX_HELD {
+            return Err(self.fault(
+                pgid,
+                PageFault::TooLarge,
+                format!(
+                    "claims {overflow} overflow pages ({span} bytes), more than a snapshot page can plausibly hold"
+                ),
+            ));
+        }
+        for p in pgid..=last {
+            if self.reached.get(p) {
+                return Err(self.fault(
+                    p,
+                    PageFault::ReachedTwice,
+                    format!(
+                        "is reached a second time, as overflow of page {pgid} (from {from_text}): pages are shared or form a cycle"
+                    ),
+                ));
+            }
+            if self.free.as_ref().is_some_and(|f| f.get(p)) {
+                return Err(self.fault(
+                    p,
+                    PageFault::FreeAndUsed,
+                    format!("is both in the freelist and in use (reached from {from_text})"),
+                ));
+            }
+            self.reached.set(p);
+        }
+        if overflow > 0 {
+            let span = usize::try_from(span).unwrap_or(usize::MAX);
+            buf.resize(span, 0);
+            self.read((pgid + 1) * self.ps, &mut buf[ps..])?;
+        }
+        Ok((flags, count))
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VerifyError> {
+        self.src
+            .read_at(offset, buf)
+            .map_err(|source| VerifyError::Io {
+                path: std::path::PathBuf::new(),
+                source,
+            })
     }
 
     fn read_freelist(&mut self, pgid: u64) -> Result<(), VerifyError> {
-        let (flags, count, overflow) = self.header(pgid)?;
+        let mut b = self.take_buf();
+        let (flags, count) = self.load(pgid, None, &mut b)?;
         if flags != FREELIST {
-            return Err(corrupt(format!(
-                "{}: the meta page names it as the freelist but its flags are {flags:#06x}",
-                self.at(pgid)
-            )));
+            return Err(self.fault(
+                pgid,
+                PageFault::WrongType,
+                format!("the meta page names it as the freelist but its flags are {flags:#06x}"),
+            ));
         }
-        self.mark(pgid, overflow, u64::MAX)?;
-        self.read_span(pgid, overflow)?;
-        let b = std::mem::take(&mut self.buf);
         let (n, start) = if count == 0xFFFF {
-            if b.len() < HEADER + 8 {
-                return Err(corrupt(format!(
-                    "{}: freelist count is cut off",
-                    self.at(pgid)
-                )));
-            }
             (u64_at(&b, HEADER), HEADER + 8)
         } else {
             (u64::from(count), HEADER)
         };
-        let end = (start as u64).checked_add(n.saturating_mul(8));
-        if end.is_none_or(|e| e > b.len() as u64) {
-            return Err(corrupt(format!(
-                "{}: freelist of {n} ids does not fit in its page",
-                self.at(pgid)
-            )));
+        let fits = n
+            .checked_mul(8)
+            .and_then(|x| x.checked_add(start as u64))
+            .is_some_and(|end| end <= b.len() as u64);
+        if !fits {
+            return Err(self.fault(
+                pgid,
+                PageFault::Freelist,
+                format!("a freelist of {n} page ids does not fit in its page span"),
+            ));
         }
-        for i in 0..n as usize {
+        let mut free = Bitmap::new(self.hwm);
+        for i in 0..usize::try_from(n).unwrap_or(0) {
             let id = u64_at(&b, start + i * 8);
             if id < 2 || id >= self.hwm {
-                return Err(corrupt(format!(
-                    "{}: free page id {id} is outside the database",
-                    self.at(pgid)
-                )));
+                return Err(self.fault(
+                    pgid,
+                    PageFault::Freelist,
+                    format!("free page id {id} (entry {i}) is outside the database"),
+                ));
             }
-            if bit(&self.free, id) {
-                return Err(corrupt(format!("page {id} is freed twice")));
+            if free.get(id) || self.reached.get(id) {
+                return Err(self.fault(
+                    pgid,
+                    PageFault::Freelist,
+                    format!("page {id} (entry {i}) is freed twice or is the freelist itself"),
+                ));
             }
-            set_bit(&mut self.free, id);
+            free.set(id);
         }
-        self.buf = b;
+        self.free = Some(free);
+        self.give_buf(b);
         Ok(())
     }
 
-    /// Reads and checks a page header: `(flags, count, overflow)`.
-    fn header(&self, pgid: u64) -> Result<(u16, u16, u32), VerifyError> {
-        let mut h = [0u8; HEADER];
-        self.src
-            .read_at(pgid * self.ps, &mut h)
-            .map_err(|_| corrupt(format!("{} is beyond the end of the file", self.at(pgid))))?;
-        let id = u64_at(&h, 0);
-        if id != pgid {
-            return Err(corrupt(format!(
-                "{} has id {id} in its header: pages are misplaced or overwritten",
-                self.at(pgid)
-            )));
-        }
-        Ok((u16_at(&h, 8), u16_at(&h, 10), u32_at(&h, 12)))
-    }
-
-    /// Marks `pgid` and its overflow pages as reached, exactly once.
-    fn mark(&mut self, pgid: u64, overflow: u32, parent: u64) -> Result<(), VerifyError> {
-        let last = pgid.checked_add(u64::from(overflow));
-        if last.is_none_or(|l| l >= self.hwm) {
-            return Err(corrupt(format!(
-                "{} with {overflow} overflow pages runs past the last page {}",
-                self.at(pgid),
-                self.hwm - 1
-            )));
-        }
-        for p in pgid..=pgid + u64::from(overflow) {
-            if bit(&self.visited, p) {
-                return Err(corrupt(format!(
-                    "page {p} (offset {}) is reached twice (from page {parent}): the tree has a cycle or shared pages",
-                    p * self.ps
-                )));
-            }
-            if bit(&self.free, p) {
-                return Err(corrupt(format!(
-                    "page {p} (offset {}) is both free and in use",
-                    p * self.ps
-                )));
-            }
-            set_bit(&mut self.visited, p);
-        }
-        Ok(())
-    }
-
-    fn read_span(&mut self, pgid: u64, overflow: u32) -> Result<(), VerifyError> {
-        let len = (u64::from(overflow) + 1) * self.ps;
-        if len > MAX_SPAN {
-            return Err(corrupt(format!(
-                "{} claims {overflow} overflow pages: implausibly large",
-                self.at(pgid)
-            )));
-        }
-        self.buf.resize(len as usize, 0);
-        self.src
-            .read_at(pgid * self.ps, &mut self.buf)
-            .map_err(|_| corrupt(format!("{} runs past the end of the file", self.at(pgid))))
-    }
-
-    /// Loads a page already marked (for resuming a leaf).
-    fn load(&mut self, pgid: u64) -> Result<(), VerifyError> {
-        let (_, _, overflow) = self.header(pgid)?;
-        self.read_span(pgid, overflow)
-    }
-
-    fn page(&mut self, pgid: u64, parent: u64, first: Option<&[u8]>) -> Result<(), VerifyError> {
-        if pgid < 2 || pgid >= self.hwm {
-            return Err(corrupt(format!(
-                "page {parent} points to page {pgid}, outside the database's {} pages",
-                self.hwm
-            )));
-        }
-        let (flags, count, overflow) = self.header(pgid)?;
-        if flags != BRANCH && flags != LEAF {
-            return Err(corrupt(format!(
-                "{} (child of page {parent}) has flags {flags:#06x}; a bucket tree holds only branch and leaf pages",
-                self.at(pgid)
-            )));
-        }
-        self.mark(pgid, overflow, parent)?;
-        self.read_span(pgid, overflow)?;
-        let page = std::mem::take(&mut self.buf);
-        let r = (|| {
-            if let Some(expect) = first {
-                let k0 = if count == 0 {
-                    None
-                } else {
-                    Some(self.element_key(&page, pgid, flags, 0)?)
-                };
-                if k0 != Some(expect) {
-                    return Err(corrupt(format!(
-                        "{}: its first key does not match the key its parent page {parent} has for it",
-                        self.at(pgid)
-                    )));
-                }
-            }
-            if flags == BRANCH {
-                self.branch(&page, pgid, count)
-            } else {
-                self.leaf(&page, pgid, 0)
-            }
-        })();
-        self.buf = page;
-        r
-    }
-
-    /// The key of element `i`, bounds-checked.
-    fn element_key<'p>(
-        &self,
-        page: &'p [u8],
+    /// Loads page `pgid`, checks it as a branch or leaf page of a bucket tree and pushes it
+    /// on the path. `expect` is the key the parent branch has for it.
+    fn push_page(
+        &mut self,
         pgid: u64,
-        flags: u16,
-        i: usize,
-    ) -> Result<&'p [u8], VerifyError> {
-        let e = HEADER + i * ELEMENT;
-        if e + ELEMENT > page.len() {
-            return Err(corrupt(format!(
-                "{}: element {i} lies outside the page",
-                self.at(pgid)
-            )));
+        from: Option<(u64, usize)>,
+        expect: Option<&[u8]>,
+    ) -> Result<(), VerifyError> {
+        if self.frames.len() >= MAX_FRAMES {
+            return Err(self.fault(
+                from.map_or(pgid, |f| f.0),
+                PageFault::TooDeep,
+                format!("the page tree is more than {MAX_FRAMES} levels deep: pages form a chain or a cycle"),
+            ));
         }
-        let (pos, ksize, vsize) = if flags == BRANCH {
-            (u32_at(page, e), u32_at(page, e + 4), 0)
-        } else {
-            (
-                u32_at(page, e + 4),
-                u32_at(page, e + 8),
-                u32_at(page, e + 12),
-            )
+        let mut buf = self.take_buf();
+        let (flags, count) = self.load(pgid, from, &mut buf)?;
+        if flags != BRANCH && flags != LEAF {
+            return Err(self.fault(
+                pgid,
+                PageFault::WrongType,
+                format!(
+                    "has flags {flags:#06x} where a branch ({BRANCH:#06x}) or leaf ({LEAF:#06x}) page of a bucket tree belongs"
+                ),
+            ));
+        }
+        let frame = PageFrame {
+            buf,
+            pgid,
+            inline: false,
+            branch: flags == BRANCH,
+            count: usize::from(count),
+            next: 0,
         };
-        let start = e as u64 + u64::from(pos);
-        let end = start + u64::from(ksize) + u64::from(vsize);
-        if end > page.len() as u64 || ksize as usize > MAX_KEY {
-            return Err(corrupt(format!(
-                "{}: element {i} (key of {ksize} bytes, value of {vsize}) lies outside the page",
-                self.at(pgid)
-            )));
+        self.check_elements(&frame)?;
+        if frame.branch {
+            self.stats.branch_pages += 1;
+        } else {
+            self.stats.leaf_pages += 1;
         }
-        Ok(&page[start as usize..start as usize + ksize as usize])
+        self.stats.overflow_pages += (frame.buf.len() as u64 / self.ps).saturating_sub(1);
+        if let Some(expect) = expect {
+            let first = element(&frame, 0).map(|e| e.key).unwrap_or_default();
+            if first != expect {
+                return Err(self.fault(
+                    pgid,
+                    PageFault::BranchKeyMismatch,
+                    format!(
+                        "its first key {} differs from the key {} that {} has for it",
+                        hex_prefix(first),
+                        hex_prefix(expect),
+                        from.map_or_else(|| "its parent".to_string(), |(p, i)| format!("page {p} element {i}"))
+                    ),
+                ));
+            }
+        }
+        self.held += frame.buf.len() as u64;
+        self.frames.push(Frame::Page(frame));
+        Ok(())
     }
 
-    fn branch(&mut self, page: &[u8], pgid: u64, count: u16) -> Result<(), VerifyError> {
-        if count == 0 {
-            return Err(corrupt(format!("{}: empty branch page", self.at(pgid))));
+    /// Checks every element of a page: inside the page, after the element table, keys of
+    /// plausible size and strictly increasing, known leaf flags.
+    fn check_elements(&self, f: &PageFrame) -> Result<(), VerifyError> {
+        let page = f.pgid;
+        let what = if f.inline {
+            "inline bucket page"
+        } else if f.branch {
+            "branch page"
+        } else {
+            "leaf page"
+        };
+        let fault = |fault, detail: String| {
+            let detail = if f.inline {
+                format!("in an inline bucket held by this page: {detail}")
+            } else {
+                detail
+            };
+            self.fault(page, fault, detail)
+        };
+        if f.branch && f.count == 0 {
+            return Err(fault(PageFault::BadElement, "empty branch page".to_string()));
         }
-        let n = usize::from(count);
-        if HEADER + n * ELEMENT > page.len() {
-            return Err(corrupt(format!(
-                "{}: {n} elements do not fit in the page",
-                self.at(pgid)
-            )));
+        let table_end = HEADER + f.count * ELEMENT;
+        if table_end > f.buf.len() {
+            return Err(fault(
+                PageFault::BadElement,
+                format!(
+                    "{} elements need {table_end} bytes but the {what} is {} bytes",
+                    f.count,
+                    f.buf.len()
+                ),
+            ));
         }
-        let mut children = Vec::with_capacity(n);
         let mut prev: Option<&[u8]> = None;
-        for i in 0..n {
-            let key = self.element_key(page, pgid, BRANCH, i)?;
+        for i in 0..f.count {
+            let e = HEADER + i * ELEMENT;
+            let (pos, ksize, vsize) = if f.branch {
+                (u32_at(&f.buf, e), u32_at(&f.buf, e + 4), 0)
+            } else {
+                let flags = u32_at(&f.buf, e);
+                if flags & !BUCKET_LEAF_FLAG != 0 {
+                    return Err(fault(
+                        PageFault::BadElement,
+                        format!("leaf element {i} has unknown flags {flags:#x}"),
+                    ));
+                }
+                (
+                    u32_at(&f.buf, e + 4),
+                    u32_at(&f.buf, e + 8),
+                    u32_at(&f.buf, e + 12),
+                )
+            };
+            let start = e as u64 + u64::from(pos);
+            let end = start + u64::from(ksize) + u64::from(vsize);
+            if ksize == 0 || ksize > MAX_KEY || start < table_end as u64 || end > f.buf.len() as u64 {
+                return Err(fault(
+                    PageFault::BadElement,
+                    format!(
+                        "element {i} (key of {ksize} bytes at {start}, value of {vsize} bytes) lies outside the {what}'s data area {table_end}..{}",
+                        f.buf.len()
+                    ),
+                ));
+            }
+            let key = &f.buf[start as usize..start as usize + ksize as usize];
             if prev.is_some_and(|p| p >= key) {
-                return Err(corrupt(format!(
-                    "{}: branch element {i}'s key is not greater than element {}'s: keys out of order",
-                    self.at(pgid),
-                    i - 1
-                )));
+                return Err(fault(
+                    PageFault::KeyOrder,
+                    format!(
+                        "element {i}'s key {} is not greater than element {}'s: keys out of order",
+                        hex_prefix(key),
+                        i - 1
+                    ),
+                ));
             }
             prev = Some(key);
-            let child = u64_at(page, HEADER + i * ELEMENT + 8);
-            children.push((child, key.to_vec()));
-        }
-        for (child, key) in children.into_iter().rev() {
-            self.stack.push(Item::Page {
-                pgid: child,
-                parent: pgid,
-                first: Some(key),
-            });
         }
         Ok(())
     }
 
-    /// Processes leaf elements from `from`; stops at a sub-bucket, which is walked first
-    /// (the rest of the leaf resumes after it).
-    fn leaf(&mut self, page: &[u8], pgid: u64, from: usize) -> Result<(), VerifyError> {
-        let inline = pgid == 0;
-        let where_ = if inline {
-            "an inline bucket page".to_string()
-        } else {
-            self.at(pgid)
-        };
-        if page.len() < HEADER {
-            return Err(corrupt(format!("{where_}: shorter than a page header")));
-        }
-        let flags = u16_at(page, 8);
-        if flags != LEAF {
-            return Err(corrupt(format!(
-                "{where_}: flags {flags:#06x} where a leaf page was expected"
-            )));
-        }
-        let n = usize::from(u16_at(page, 10));
-        if HEADER + n * ELEMENT > page.len() {
-            return Err(corrupt(format!(
-                "{where_}: {n} elements do not fit in the page"
-            )));
-        }
-        let depth = self.buckets.len() - 1;
-        for i in from..n {
-            let key = self.element_key(page, pgid, LEAF, i).map_err(|e| {
-                if inline {
-                    corrupt(format!("{where_}: element {i} lies outside the page"))
-                } else {
-                    e
+    fn run(&mut self) -> Result<(), VerifyError> {
+        while let Some(frame) = self.frames.pop() {
+            let mut f = match frame {
+                Frame::BucketEnd => {
+                    self.buckets.pop();
+                    let depth = self.buckets.len();
+                    self.visitor.bucket_end(depth)?;
+                    continue;
                 }
-            })?;
-            let e = HEADER + i * ELEMENT;
-            let eflags = u32_at(page, e);
-            let vsize = u32_at(page, e + 12) as usize;
-            let vstart = e + u32_at(page, e + 4) as usize + key.len();
-            let value = &page[vstart..vstart + vsize];
-            let state = self.buckets.last_mut().expect("a bucket is open");
-            if state.last.as_deref().is_some_and(|l| l >= key) {
-                return Err(corrupt(format!(
-                    "{where_}: leaf element {i}'s key is not greater than the previous key of its bucket: keys out of order"
-                )));
+                Frame::Page(f) => f,
+            };
+            if f.next >= f.count {
+                self.held = self.held.saturating_sub(f.buf.len() as u64);
+                self.give_buf(f.buf);
+                continue;
             }
-            state.last = Some(key.to_vec());
-            match eflags {
-                0 => self
-                    .visitor
-                    .entry(depth, key, Some(value))
-                    .map_err(VerifyError::Etcd)?,
-                BUCKET_LEAF_FLAG => {
-                    if value.len() < 16 {
-                        return Err(corrupt(format!(
-                            "{where_}: element {i} is a bucket whose header is cut off"
-                        )));
-                    }
-                    if depth + 1 > MAX_BUCKET_DEPTH {
-                        return Err(corrupt(format!("{where_}: buckets nested too deep")));
-                    }
-                    self.visitor
-                        .entry(depth, key, None)
-                        .map_err(VerifyError::Etcd)?;
-                    let root = u64_at(value, 0);
-                    // Resume this leaf after the sub-bucket.
-                    if i + 1 < n {
-                        self.stack.push(if inline {
-                            Item::Inline {
-                                page: page.to_vec(),
-                                from: i + 1,
-                            }
-                        } else {
-                            Item::Resume { pgid, from: i + 1 }
-                        });
-                    }
-                    self.stack.push(Item::EndBucket);
-                    if root == 0 {
-                        self.stack.push(Item::Inline {
-                            page: value[16..].to_vec(),
-                            from: 0,
-                        });
-                    } else {
-                        self.stack.push(Item::Page {
-                            pgid: root,
-                            parent: if inline { 0 } else { pgid },
-                            first: None,
-                        });
-                    }
-                    self.visitor
-                        .bucket_begin(depth + 1, key)
-                        .map_err(VerifyError::Etcd)?;
-                    self.buckets.push(BucketState { last: None });
-                    return Ok(());
-                }
-                other => {
-                    return Err(corrupt(format!(
-                        "{where_}: element {i} has unknown flags {other:#x}"
-                    )))
-                }
+            let i = f.next;
+            f.next += 1;
+            let Some(el) = element(&f, i) else {
+                // check_elements made this unreachable; fail safe.
+                return Err(self.fault(
+                    f.pgid,
+                    PageFault::BadElement,
+                    format!("element {i} lies outside the page"),
+                ));
+            };
+            if f.branch {
+                let child = el.child;
+                let mut expect = std::mem::take(&mut self.expect);
+                expect.clear();
+                expect.extend_from_slice(el.key);
+                let pgid = f.pgid;
+                self.frames.push(Frame::Page(f));
+                let r = self.push_page(child, Some((pgid, i)), Some(&expect));
+                self.expect = expect;
+                r?;
+                continue;
             }
+            self.leaf_element(f, i)?;
         }
         Ok(())
     }
+
+    /// Processes leaf element `i` of `f` (then back on the path), descending into a
+    /// sub-bucket if it is one.
+    fn leaf_element(&mut self, f: PageFrame, i: usize) -> Result<(), VerifyError> {
+        let Some(el) = element(&f, i) else {
+            return Err(self.fault(
+                f.pgid,
+                PageFault::BadElement,
+                format!("element {i} lies outside the page"),
+            ));
+        };
+        let loc = Loc {
+            page: f.pgid,
+            element: i,
+            inline: f.inline,
+        };
+        let depth = self.buckets.len() - 1;
+        let state = self.buckets.last_mut().expect("a bucket is open");
+        if state.has_last && state.last.as_slice() >= el.key {
+            let detail = format!(
+                "leaf element {i}'s key {} is not greater than the previous key {} of its bucket (on an earlier page): keys out of order across pages",
+                hex_prefix(el.key),
+                hex_prefix(&state.last)
+            );
+            return Err(self.fault(f.pgid, PageFault::KeyOrder, detail));
+        }
+        state.last.clear();
+        state.last.extend_from_slice(el.key);
+        state.has_last = true;
+        if !el.bucket {
+            self.visitor.entry(depth, el.key, Some(el.value), loc)?;
+            self.frames.push(Frame::Page(f));
+            return Ok(());
+        }
+        self.visitor.entry(depth, el.key, None, loc)?;
+        if el.value.len() < BUCKET_HEADER {
+            return Err(self.fault(
+                f.pgid,
+                PageFault::BadElement,
+                format!(
+                    "{}element {i} is a bucket whose {}-byte value is shorter than a bucket header",
+                    if f.inline { "inline bucket " } else { "" },
+                    el.value.len()
+                ),
+            ));
+        }
+        if self.frames.len() + 2 >= MAX_FRAMES {
+            return Err(self.fault(
+                f.pgid,
+                PageFault::TooDeep,
+                format!("element {i}: buckets nested more than {MAX_FRAMES} levels deep"),
+            ));
+        }
+        let root = u64_at(el.value, 0);
+        let pgid = f.pgid;
+        self.visitor.bucket_begin(depth + 1, el.key, loc)?;
+        if root == 0 {
+            let mut buf = self.take_buf();
+            buf.extend_from_slice(&el.value[BUCKET_HEADER..]);
+            let flags = u16_at(&buf, 8);
+            let count = usize::from(u16_at(&buf, 10));
+            let inline = PageFrame {
+                buf,
+                pgid,
+                inline: true,
+                branch: false,
+                count,
+                next: 0,
+            };
+            if inline.buf.len() < HEADER || flags != LEAF {
+                return Err(self.fault(
+                    pgid,
+                    PageFault::BadElement,
+                    format!(
+                        "element {i} is an inline bucket whose page ({} bytes, flags {flags:#06x}) is not a leaf page",
+                        inline.buf.len()
+                    ),
+                ));
+            }
+            self.check_elements(&inline)?;
+            self.stats.inline_buckets += 1;
+            self.held += inline.buf.len() as u64;
+            self.frames.push(Frame::Page(f));
+            self.frames.push(Frame::BucketEnd);
+            self.buckets.push(BucketState {
+                last: Vec::new(),
+                has_last: false,
+            });
+            self.frames.push(Frame::Page(inline));
+        } else {
+            self.frames.push(Frame::Page(f));
+            self.frames.push(Frame::BucketEnd);
+            self.buckets.push(BucketState {
+                last: Vec::new(),
+                has_last: false,
+            });
+            self.push_page(root, Some((pgid, i)), None)?;
+        }
+        Ok(())
+    }
+}
+
+/// An element of a checked page.
+struct Element<'p> {
+    key: &'p [u8],
+    value: &'p [u8],
+    bucket: bool,
+    child: u64,
+}
+
+/// Element `i` of `f`, or `None` when it lies outside the page (never after
+/// `check_elements`).
+fn element(f: &PageFrame, i: usize) -> Option<Element<'_>> {
+    let e = HEADER + i.checked_mul(ELEMENT)?;
+    if i >= f.count {
+        return None;
+    }
+    let b = &f.buf;
+    let (flags, pos, ksize, vsize, child) = if f.branch {
+        (0, u32_at(b, e), u32_at(b, e + 4), 0, u64_at(b, e + 8))
+    } else {
+        (
+            u32_at(b, e),
+            u32_at(b, e + 4),
+            u32_at(b, e + 8),
+            u32_at(b, e + 12),
+            0,
+        )
+    };
+    let start = e.checked_add(usize::try_from(pos).ok()?)?;
+    let kend = start.checked_add(usize::try_from(ksize).ok()?)?;
+    let vend = kend.checked_add(usize::try_from(vsize).ok()?)?;
+    Some(Element {
+        key: b.get(start..kend)?,
+        value: b.get(kend..vend)?,
+        bucket: flags & BUCKET_LEAF_FLAG != 0,
+        child,
+    })
 }
 
 #[cfg(test)]
@@ -656,5 +956,19 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn hex_prefix_is_bounded() {
+        assert_eq!(hex_prefix(&[0, 0xab]), "00ab");
+        assert_eq!(hex_prefix(&[1; 100]).len(), 83);
+    }
+
+    #[test]
+    fn bitmap_ignores_out_of_range() {
+        let mut b = Bitmap::new(10);
+        b.set(3);
+        b.set(1000);
+        assert!(b.get(3) && !b.get(4) && !b.get(1000));
     }
 }

@@ -4,22 +4,25 @@
 //!   then each entry's key and value (a sub-bucket entry contributes its key only);
 //! - `revision`: the main revision of the last key of bucket `key` (keys are 17 bytes:
 //!   `main u64 BE, '_', sub u64 BE`, plus a trailing `t` for tombstones);
-//! - `total_key_entries`: entries of all top-level buckets (etcd 3.5's "total keys");
+//! - `total_key_entries`: entries of all top-level buckets (etcd 3.4/3.5's "total keys");
 //! - `live_keys`: distinct user keys alive at the end (etcd 3.6+'s "total keys"), from
 //!   field 1 (`key`) of each `mvccpb.KeyValue` value, tombstones removing keys;
 //! - `consistent_index`, `term` (u64 BE) and `storageVersion` from bucket `meta`.
+//!
+//! The live key set holds one 64-bit hash per live user key (about 16 bytes each with the
+//! table's overhead), the only memory here that grows with the data.
 
-use super::bbolt::Visitor;
+use super::bbolt::{hex_prefix, Loc, Visitor};
 use super::VerifyError;
 use std::collections::HashSet;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
 
 /// What [`EtcdLayout`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdSummary {
     /// CRC-32C as etcdutl computes it.
     pub hash: u32,
-    /// Main revision of the last `key` entry.
+    /// Main revision of the last `key` entry (0 when the bucket is empty).
     pub revision: i64,
     /// Entries of all top-level buckets.
     pub total_key_entries: u64,
@@ -31,7 +34,7 @@ pub struct EtcdSummary {
     pub term: Option<u64>,
     /// From `meta`.
     pub storage_version: Option<String>,
-    /// Top-level bucket names.
+    /// Top-level bucket names, in key order.
     pub buckets: Vec<String>,
 }
 
@@ -44,6 +47,24 @@ enum Current {
     Other,
 }
 
+/// A hasher for keys that are already 64-bit hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// A [`Visitor`] that checks and summarizes etcd's buckets.
 #[derive(Default)]
 pub struct EtcdLayout {
@@ -52,11 +73,15 @@ pub struct EtcdLayout {
     revision: i64,
     key_entries: u64,
     total: u64,
-    live: HashSet<u64>,
+    live: HashSet<u64, BuildHasherDefault<Prehashed>>,
     consistent_index: Option<u64>,
     term: Option<u64>,
     storage_version: Option<String>,
     buckets: Vec<String>,
+}
+
+fn etcd_err(detail: String) -> VerifyError {
+    VerifyError::Etcd { detail }
 }
 
 impl EtcdLayout {
@@ -67,8 +92,8 @@ impl EtcdLayout {
     pub fn finish(self) -> Result<EtcdSummary, VerifyError> {
         for required in ["key", "meta"] {
             if !self.buckets.iter().any(|b| b == required) {
-                return Err(VerifyError::Etcd(format!(
-                    "bucket {required:?} is missing (buckets: {:?}): this is not an etcd backend database",
+                return Err(etcd_err(format!(
+                    "bucket {required:?} is missing (top-level buckets: {:?}): this is a bbolt database but not an etcd backend",
                     self.buckets
                 )));
             }
@@ -85,43 +110,44 @@ impl EtcdLayout {
         })
     }
 
-    fn key_entry(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    fn key_entry(&mut self, key: &[u8], value: Option<&[u8]>, loc: Loc) -> Result<(), VerifyError> {
         let n = self.key_entries;
         self.key_entries += 1;
         let tombstone = match key.len() {
             17 => false,
             18 if key[17] == b't' => true,
             _ => {
-                return Err(format!(
-                    "entry {n} of bucket \"key\" has key {} ({} bytes), which is not a revision (17 bytes, or 18 ending in 't')",
-                    hex::encode(&key[..key.len().min(32)]),
+                return Err(etcd_err(format!(
+                    "bucket \"key\" entry {n} ({loc}): key {} ({} bytes) is not a revision (17 bytes, or 18 ending in 't')",
+                    hex_prefix(key),
                     key.len()
-                ))
+                )))
             }
         };
         if key[8] != b'_' {
-            return Err(format!(
-                "entry {n} of bucket \"key\" has key {} without the '_' separator of a revision",
-                hex::encode(key)
-            ));
+            return Err(etcd_err(format!(
+                "bucket \"key\" entry {n} ({loc}): key {} lacks the '_' between main and sub revision",
+                hex_prefix(key)
+            )));
         }
-        let main = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
-        let sub = u64::from_be_bytes(key[9..17].try_into().expect("8 bytes"));
-        let main = i64::try_from(main)
-            .ok()
-            .filter(|_| i64::try_from(sub).is_ok())
-            .ok_or_else(|| format!("entry {n} of bucket \"key\" has a negative revision"))?;
+        let main = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+        let sub = u64::from_be_bytes(key[9..17].try_into().unwrap_or_default());
+        let (Ok(main), Ok(_)) = (i64::try_from(main), i64::try_from(sub)) else {
+            return Err(etcd_err(format!(
+                "bucket \"key\" entry {n} ({loc}): revision {main}_{sub} is negative as etcd reads it"
+            )));
+        };
         self.revision = main;
         let Some(value) = value else {
-            return Err(format!(
-                "entry {n} of bucket \"key\" is a bucket, not a key-value record"
-            ));
+            return Err(etcd_err(format!(
+                "bucket \"key\" entry {n} ({loc}): revision {main}_{sub} is a bucket, not a key-value record"
+            )));
         };
-        let user_key = kv_key(value).ok_or_else(|| {
-            format!(
-                "the value of revision {main}_{sub} in bucket \"key\" is not a key-value record"
-            )
-        })?;
+        let Some(user_key) = kv_key(value) else {
+            return Err(etcd_err(format!(
+                "bucket \"key\" entry {n} ({loc}): the value of revision {main}_{sub} is not a key-value record"
+            )));
+        };
         let mut h = DefaultHasher::new();
         user_key.hash(&mut h);
         let id = h.finish();
@@ -133,12 +159,15 @@ impl EtcdLayout {
         Ok(())
     }
 
-    fn meta_entry(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    fn meta_entry(&mut self, key: &[u8], value: Option<&[u8]>, loc: Loc) -> Result<(), VerifyError> {
         let Some(v) = value else { return Ok(()) };
         let u64_of = |name: &str| {
-            <[u8; 8]>::try_from(v)
-                .map(u64::from_be_bytes)
-                .map_err(|_| format!("meta/{name} is {} bytes, expected 8", v.len()))
+            <[u8; 8]>::try_from(v).map(u64::from_be_bytes).map_err(|_| {
+                etcd_err(format!(
+                    "bucket \"meta\" key {name:?} ({loc}) is {} bytes, expected an 8-byte integer",
+                    v.len()
+                ))
+            })
         };
         match key {
             b"consistent_index" => self.consistent_index = Some(u64_of("consistent_index")?),
@@ -153,29 +182,21 @@ impl EtcdLayout {
 }
 
 impl Visitor for EtcdLayout {
-    fn bucket_begin(&mut self, depth: usize, name: &[u8]) -> Result<(), String> {
-        if depth == 1 {
-            self.crc = crc32c::crc32c_append(self.crc, name);
-            self.current = match name {
-                b"key" => Current::Key,
-                b"meta" => Current::Meta,
-                _ => Current::Other,
-            };
-            self.buckets
-                .push(String::from_utf8_lossy(name).into_owned());
-        }
-        Ok(())
-    }
-
-    fn entry(&mut self, depth: usize, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    fn entry(
+        &mut self,
+        depth: usize,
+        key: &[u8],
+        value: Option<&[u8]>,
+        loc: Loc,
+    ) -> Result<(), VerifyError> {
         match depth {
             0 => match value {
                 // Top-level buckets are reported through bucket_begin.
                 None => Ok(()),
-                Some(_) => Err(format!(
-                    "the root holds a plain key {:?} where etcd has only buckets",
-                    String::from_utf8_lossy(key)
-                )),
+                Some(_) => Err(etcd_err(format!(
+                    "the root holds a plain key {:?} ({loc}) where etcd has only buckets",
+                    String::from_utf8_lossy(&key[..key.len().min(64)])
+                ))),
             },
             1 => {
                 self.crc = crc32c::crc32c_append(self.crc, key);
@@ -184,8 +205,8 @@ impl Visitor for EtcdLayout {
                 }
                 self.total += 1;
                 match self.current {
-                    Current::Key => self.key_entry(key, value),
-                    Current::Meta => self.meta_entry(key, value),
+                    Current::Key => self.key_entry(key, value, loc),
+                    Current::Meta => self.meta_entry(key, value, loc),
                     Current::Other | Current::None => Ok(()),
                 }
             }
@@ -193,7 +214,21 @@ impl Visitor for EtcdLayout {
         }
     }
 
-    fn bucket_end(&mut self, depth: usize) -> Result<(), String> {
+    fn bucket_begin(&mut self, depth: usize, name: &[u8], _loc: Loc) -> Result<(), VerifyError> {
+        if depth == 1 {
+            self.crc = crc32c::crc32c_append(self.crc, name);
+            self.current = match name {
+                b"key" => Current::Key,
+                b"meta" => Current::Meta,
+                _ => Current::Other,
+            };
+            self.buckets
+                .push(String::from_utf8_lossy(&name[..name.len().min(256)]).into_owned());
+        }
+        Ok(())
+    }
+
+    fn bucket_end(&mut self, depth: usize) -> Result<(), VerifyError> {
         if depth == 1 {
             self.current = Current::None;
         }
@@ -243,6 +278,19 @@ fn kv_key(mut b: &[u8]) -> Option<&[u8]> {
 mod tests {
     use super::*;
 
+    const LOC: Loc = Loc {
+        page: 7,
+        element: 3,
+        inline: false,
+    };
+
+    fn rev(main: u64, sub: u64) -> Vec<u8> {
+        let mut k = main.to_be_bytes().to_vec();
+        k.push(b'_');
+        k.extend_from_slice(&sub.to_be_bytes());
+        k
+    }
+
     #[test]
     fn kv_key_reads_field_one() {
         // key="foo" (field 1), create_revision=5 (field 2), value="bar" (field 5)
@@ -257,25 +305,60 @@ mod tests {
         assert_eq!(kv_key(&[0x0a, 5, b'a']), None);
         // bad wire type
         assert_eq!(kv_key(&[0x0f]), None);
+        // varint longer than 10 bytes
+        assert_eq!(kv_key(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), None);
     }
 
     #[test]
-    fn revision_keys_are_checked() {
+    fn revisions_tombstones_and_live_keys() {
         let mut l = EtcdLayout::default();
-        l.bucket_begin(1, b"key").unwrap();
-        let mut k = 7u64.to_be_bytes().to_vec();
-        k.push(b'_');
-        k.extend_from_slice(&0u64.to_be_bytes());
-        let rec = [0x0a, 1, b'a'];
-        l.entry(1, &k, Some(&rec)).unwrap();
-        assert_eq!(l.revision, 7);
-        assert!(l.entry(1, b"short", Some(&rec)).is_err());
-        let mut bad = k.clone();
-        bad[8] = b'-';
-        assert!(l.entry(1, &bad, Some(&rec)).is_err());
-        let mut tomb = k.clone();
+        l.bucket_begin(1, b"key", LOC).unwrap();
+        let a = [0x0a, 1, b'a'];
+        let b = [0x0a, 1, b'b'];
+        l.entry(1, &rev(2, 0), Some(&a), LOC).unwrap();
+        l.entry(1, &rev(3, 0), Some(&b), LOC).unwrap();
+        l.entry(1, &rev(4, 0), Some(&a), LOC).unwrap();
+        let mut tomb = rev(5, 0);
         tomb.push(b't');
-        l.entry(1, &tomb, Some(&rec)).unwrap();
-        assert_eq!(l.live.len(), 0, "the tombstone removed the key");
+        l.entry(1, &tomb, Some(&a), LOC).unwrap();
+        assert_eq!(l.revision, 5);
+        assert_eq!(l.live.len(), 1, "a was deleted, b is live");
+        assert_eq!(l.total, 4);
+    }
+
+    #[test]
+    fn bad_revision_keys_name_the_entry_and_page() {
+        let mut l = EtcdLayout::default();
+        l.bucket_begin(1, b"key", LOC).unwrap();
+        let rec = [0x0a, 1, b'a'];
+        for bad in [b"short".to_vec(), {
+            let mut k = rev(1, 0);
+            k[8] = b'-';
+            k
+        }, {
+            let mut k = rev(1, 0);
+            k.push(b'x');
+            k
+        }, rev(u64::MAX, 0)] {
+            let e = l.entry(1, &bad, Some(&rec), LOC).unwrap_err();
+            assert!(matches!(e, VerifyError::Etcd { .. }), "{e}");
+            assert!(e.to_string().contains("page 7, element 3"), "{e}");
+        }
+        let e = l.entry(1, &rev(9, 0), Some(&[0x0a, 9]), LOC).unwrap_err();
+        assert!(e.to_string().contains("not a key-value record"), "{e}");
+    }
+
+    #[test]
+    fn meta_values_and_missing_buckets() {
+        let mut l = EtcdLayout::default();
+        l.bucket_begin(1, b"meta", LOC).unwrap();
+        l.entry(1, b"consistent_index", Some(&42u64.to_be_bytes()), LOC)
+            .unwrap();
+        l.entry(1, b"storageVersion", Some(b"3.6.0"), LOC).unwrap();
+        assert!(l.entry(1, b"term", Some(b"x"), LOC).is_err());
+        l.bucket_end(1).unwrap();
+        assert_eq!(l.consistent_index, Some(42));
+        let e = l.finish().unwrap_err();
+        assert!(e.to_string().contains("bucket \"key\" is missing"), "{e}");
     }
 }

@@ -1,10 +1,12 @@
 //! The snapshot verifier: a read-only check of an etcd snapshot file (a bbolt database
 //! followed by etcd's sha256 trailer), in bounded memory, with no etcd binaries.
 //!
-//! It checks, in order:
-//! 1. the sha256 trailer (when asked): the last 32 bytes are the sha256 of the rest;
-//! 2. both meta pages (magic, version, FNV-1a checksum), using the valid one with the
-//!    highest transaction id; the file length is `page count × page size` (+ 32);
+//! It checks:
+//! 1. the sha256 trailer (when asked): the last 32 bytes are the sha256 of the rest. This
+//!    runs on a second thread while the structure is walked;
+//! 2. both meta pages (magic, version 2, FNV-1a checksum), using the valid one with the
+//!    highest transaction id and falling back to the other, as bbolt does; the file length
+//!    is `page count × page size` (+ 32 with a trailer);
 //! 3. the whole B+tree, from the root through every bucket, nested and inline: every page
 //!    in bounds, of the right type, with the id it is stored under, reached exactly once;
 //!    elements inside their page; keys strictly ordered; branch keys equal to their
@@ -13,19 +15,29 @@
 //!    and the revision, key counts, consistent index and the CRC-32C hash are computed
 //!    exactly as `etcdutl snapshot status` does ([`etcd_layout`]).
 //!
-//! Memory is bounded by one page span at a time, a one-bit-per-page bitmap, and (for the
-//! distinct live key count) one 64-bit hash per live key.
+//! One invalid meta page is not an error: bbolt opens the database from the other one and
+//! the snapshot restores to the same data (in a snapshot, meta page 1 is meta page 0 with
+//! the transaction id lowered by one). The report says which meta page was used and why
+//! the other was rejected. Restoring still needs an intact file, because restore compares
+//! the sha256 trailer, which covers both meta pages: verify with `check_trailer` to catch
+//! that.
+//!
+//! Memory: one page span per level of the current path (a page and its overflow pages; a
+//! span above [`bbolt::MAX_SPAN`] is rejected as corrupt), a one-bit-per-page bitmap, a
+//! 1 MiB hashing buffer, and one 64-bit hash per live user key for the live key count.
+//! The walk is iterative and reaches each page at most once, so it ends on any input.
 
 pub mod bbolt;
 pub mod etcd_layout;
 
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 /// What to check.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
-    /// Check the sha256 trailer (skip it when the caller already checked it while
-    /// streaming).
+    /// Check the sha256 trailer. Turn it off when the caller already checked the trailer
+    /// while streaming the snapshot.
     pub check_trailer: bool,
 }
 
@@ -36,15 +48,25 @@ pub struct VerifyReport {
     pub file_size: u64,
     /// bbolt page size.
     pub page_size: u32,
-    /// Pages in the database (`meta.pgid`).
+    /// Pages in the database (`meta.pgid`); the database is `page_count × page_size` bytes.
     pub page_count: u64,
     /// Transaction id of the meta page in use.
     pub txid: u64,
     /// Whether the file ends with a sha256 trailer (length `n × 512 + 32`).
     pub has_trailer: bool,
+    /// Whether the trailer was compared with the data (`check_trailer` and a trailer).
+    pub trailer_checked: bool,
+    /// Which meta page was used (0 or 1).
+    pub meta_used: u8,
+    /// Why the other meta page is invalid, when it is: the database is readable from the
+    /// one used, but the file is damaged (a trailer check fails on it).
+    pub meta_warning: Option<String>,
+    /// Pages reachable from neither the root nor the freelist: free space left by old
+    /// transactions, normal in etcd snapshots.
+    pub unreachable_pages: u64,
     /// Main revision of the last key of bucket `key` (0 when it is empty).
     pub revision: i64,
-    /// Entries in all top-level buckets: what etcd 3.5's `snapshot status` reports as
+    /// Entries in all top-level buckets: what etcd 3.4/3.5's `snapshot status` reports as
     /// total keys.
     pub total_key_entries: u64,
     /// Distinct live user keys: what etcd 3.6+ reports as total keys.
@@ -54,46 +76,147 @@ pub struct VerifyReport {
     pub hash: u32,
     /// `consistent_index` from bucket `meta`.
     pub consistent_index: Option<u64>,
-    /// `term` from bucket `meta`.
+    /// `term` from bucket `meta` (written by etcd 3.5+).
     pub term: Option<u64>,
     /// `storageVersion` from bucket `meta` (written by etcd 3.6+).
     pub storage_version: Option<String>,
-    /// Names of the top-level buckets.
+    /// Names of the top-level buckets, in key order.
     pub buckets: Vec<String>,
 }
 
-/// Why a snapshot is not valid. Every message says what is wrong and where.
+/// What is structurally wrong with a page (see [`VerifyError::Page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFault {
+    /// The page, or a page it points to, is outside the database.
+    OutOfBounds,
+    /// The page header's id is not the page's position.
+    WrongId,
+    /// The page's flags are not what its place in the tree needs.
+    WrongType,
+    /// The page is reached twice: shared between parents, or a cycle.
+    ReachedTwice,
+    /// The page is in use and also in the freelist.
+    FreeAndUsed,
+    /// The page is neither reachable nor free (only checked with a stored freelist).
+    Unreachable,
+    /// The page claims an implausibly large span.
+    TooLarge,
+    /// The tree is implausibly deep.
+    TooDeep,
+    /// An element lies outside the page, has unknown flags, or a bad bucket header.
+    BadElement,
+    /// Keys are not strictly increasing.
+    KeyOrder,
+    /// A branch element's key differs from its child's first key.
+    BranchKeyMismatch,
+    /// The freelist page is invalid.
+    Freelist,
+}
+
+/// Why a snapshot is not valid. Every message says what is wrong, where, and what it means.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}", path.display())]
     Io {
-        /// The file.
+        /// The file (empty for in-memory input).
         path: PathBuf,
         /// The error.
         source: std::io::Error,
     },
-    /// The sha256 trailer is missing or wrong.
-    #[error("{0}")]
-    Trailer(String),
-    /// The bbolt structure is broken.
+    /// A trailer check was asked for but the file has none.
     #[error(
-        "corrupt snapshot: {0}; the file is damaged: take a new snapshot or use another backup"
+        "the file has no sha256 trailer: it is {file_size} bytes, and an etcd snapshot is a multiple of 512 bytes plus 32; it is truncated, or a raw database file rather than a snapshot"
     )]
-    Structure(String),
+    TrailerMissing {
+        /// Size of the file.
+        file_size: u64,
+    },
+    /// The sha256 trailer does not match the data.
+    #[error(
+        "the sha256 trailer at bytes {offset}..{file_size} does not match the data (stored {stored}, computed {computed}): the file was damaged after etcd wrote it; use another backup"
+    )]
+    TrailerMismatch {
+        /// Where the trailer starts.
+        offset: u64,
+        /// Size of the file.
+        file_size: u64,
+        /// The trailer, hex.
+        stored: String,
+        /// The sha256 of the data, hex.
+        computed: String,
+    },
+    /// Neither meta page is valid.
+    #[error(
+        "neither meta page is valid (meta page 0: {meta0}; meta page 1: {meta1}): the file is not a bbolt database or its header is destroyed; it cannot be restored"
+    )]
+    Meta {
+        /// Why meta page 0 is invalid.
+        meta0: String,
+        /// Why meta page 1 is invalid.
+        meta1: String,
+    },
+    /// The database length disagrees with the meta page.
+    #[error(
+        "the file is {file_size} bytes, so the database is {db_len} bytes{}, but meta page {meta_used} says {page_count} pages of {page_size} bytes = {expected} bytes: the file is {}; the snapshot is incomplete or damaged",
+        if *has_trailer { " before its 32-byte trailer" } else { "" },
+        if u128::from(*db_len) < *expected { "truncated" } else { "longer than its database" }
+    )]
+    Length {
+        /// Size of the file.
+        file_size: u64,
+        /// Size of the database part (without trailer).
+        db_len: u64,
+        /// Whether a trailer was assumed.
+        has_trailer: bool,
+        /// Meta page used.
+        meta_used: u8,
+        /// Pages per the meta page.
+        page_count: u64,
+        /// Page size per the meta page.
+        page_size: u32,
+        /// `page_count × page_size`.
+        expected: u128,
+    },
+    /// A page of the B+tree is broken.
+    #[error(
+        "page {page} (offset {offset}): {detail}; the snapshot is corrupt: take a new one or use another backup"
+    )]
+    Page {
+        /// The page id.
+        page: u64,
+        /// Its byte offset in the file.
+        offset: u64,
+        /// The kind of problem.
+        fault: PageFault,
+        /// What exactly is wrong.
+        detail: String,
+    },
     /// The database is valid bbolt but not a valid etcd backend.
-    #[error("not a valid etcd snapshot: {0}")]
-    Etcd(String),
+    #[error("not a valid etcd snapshot: {detail}")]
+    Etcd {
+        /// What is wrong and where (bucket, entry, page, element).
+        detail: String,
+    },
+}
+
+impl VerifyError {
+    /// The page the error is about, when there is one.
+    pub fn page(&self) -> Option<u64> {
+        match self {
+            VerifyError::Page { page, .. } => Some(*page),
+            _ => None,
+        }
+    }
 }
 
 /// Random-access input for the verifier.
-pub trait Source {
+pub trait Source: Sync {
     /// Total length in bytes.
-    fn len(&self) -> u64;
-    /// Whether the input is empty.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn size(&self) -> std::io::Result<u64>;
     /// Fills `buf` from `offset`; errors if the range is not entirely inside the input.
     ///
     /// # Errors
@@ -102,8 +225,8 @@ pub trait Source {
 }
 
 impl Source for std::fs::File {
-    fn len(&self) -> u64 {
-        self.metadata().map_or(0, |m| m.len())
+    fn size(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
@@ -111,20 +234,19 @@ impl Source for std::fs::File {
 }
 
 impl Source for [u8] {
-    fn len(&self) -> u64 {
-        <[u8]>::len(self) as u64
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| eof())?;
-        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
-        let src = self.get(start..end).ok_or_else(eof)?;
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.get(start..start.checked_add(buf.len())?))
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
+            })?;
         buf.copy_from_slice(src);
         Ok(())
     }
-}
-
-fn eof() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
 }
 
 /// Verifies the snapshot file at `path`.
@@ -132,15 +254,13 @@ fn eof() -> std::io::Error {
 /// # Errors
 /// [`VerifyError`] naming what is wrong and where.
 pub fn verify_file(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, VerifyError> {
-    let f = std::fs::File::open(path).map_err(|source| VerifyError::Io {
+    let with_path = |source| VerifyError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let f = std::fs::File::open(path).map_err(with_path)?;
     verify_source(&f, opts).map_err(|e| match e {
-        VerifyError::Io { source, .. } => VerifyError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
+        VerifyError::Io { source, .. } => with_path(source),
         other => other,
     })
 }
@@ -156,23 +276,71 @@ pub fn verify_bytes(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifyReport, 
 /// Verifies any [`Source`].
 ///
 /// # Errors
-/// [`VerifyError`] naming what is wrong and where.
+/// [`VerifyError`] naming what is wrong and where. A trailer mismatch wins over a
+/// structural error, since it explains it.
 pub fn verify_source<S: Source + ?Sized>(
     src: &S,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    let file_size = src.len();
-    let has_trailer = file_size % 512 == 32 && file_size >= 32;
-    if opts.check_trailer {
-        check_trailer(src, file_size)?;
+    let file_size = src.size().map_err(io_err)?;
+    let has_trailer = file_size % 512 == 32;
+    if opts.check_trailer && !has_trailer {
+        return Err(VerifyError::TrailerMissing { file_size });
     }
     let db_len = if has_trailer {
         file_size - 32
     } else {
         file_size
     };
+    if !opts.check_trailer {
+        return structure(src, file_size, db_len, has_trailer, false);
+    }
+    // Hash on a second thread while the structure is walked.
+    std::thread::scope(|scope| {
+        let hasher = std::thread::Builder::new()
+            .name("verify-sha256".into())
+            .spawn_scoped(scope, || check_trailer(src, db_len, file_size));
+        let (trailer, walked) = match hasher {
+            Ok(h) => {
+                let walked = structure(src, file_size, db_len, has_trailer, true);
+                let trailer = h.join().unwrap_or_else(|_| {
+                    Err(io_err(std::io::Error::other("the hashing thread failed")))
+                });
+                (trailer, walked)
+            }
+            Err(_) => (
+                check_trailer(src, db_len, file_size),
+                structure(src, file_size, db_len, has_trailer, true),
+            ),
+        };
+        trailer?;
+        walked
+    })
+}
+
+fn structure<S: Source + ?Sized>(
+    src: &S,
+    file_size: u64,
+    db_len: u64,
+    has_trailer: bool,
+    trailer_checked: bool,
+) -> Result<VerifyReport, VerifyError> {
+    let choice = bbolt::choose_meta(src, db_len)?;
+    let meta = &choice.meta;
+    let expected = u128::from(meta.pgid) * u128::from(meta.page_size);
+    if u128::from(db_len) != expected {
+        return Err(VerifyError::Length {
+            file_size,
+            db_len,
+            has_trailer,
+            meta_used: choice.index,
+            page_count: meta.pgid,
+            page_size: meta.page_size,
+            expected,
+        });
+    }
     let mut layout = etcd_layout::EtcdLayout::default();
-    let meta = bbolt::walk(src, db_len, &mut layout)?;
+    let walked = bbolt::walk(src, meta, &mut layout)?;
     let etcd = layout.finish()?;
     Ok(VerifyReport {
         file_size,
@@ -180,6 +348,10 @@ pub fn verify_source<S: Source + ?Sized>(
         page_count: meta.pgid,
         txid: meta.txid,
         has_trailer,
+        trailer_checked,
+        meta_used: choice.index,
+        meta_warning: choice.other_invalid,
+        unreachable_pages: walked.unreachable_pages,
         revision: etcd.revision,
         total_key_entries: etcd.total_key_entries,
         live_keys: etcd.live_keys,
@@ -191,32 +363,31 @@ pub fn verify_source<S: Source + ?Sized>(
     })
 }
 
-fn check_trailer<S: Source + ?Sized>(src: &S, size: u64) -> Result<(), VerifyError> {
-    use crate::digest::Sha256;
-    if size % 512 != 32 || size < 512 + 32 {
-        return Err(VerifyError::Trailer(format!(
-            "the file has no sha256 trailer ({size} bytes; an etcd snapshot is a multiple of 512 bytes plus 32): it is truncated, or not a snapshot as etcd streams it"
-        )));
-    }
-    let data_len = size - 32;
-    let mut h = Sha256::new();
+/// Compares the last 32 bytes with the sha256 of `[0, db_len)`.
+fn check_trailer<S: Source + ?Sized>(
+    src: &S,
+    db_len: u64,
+    file_size: u64,
+) -> Result<(), VerifyError> {
+    let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
-    while off < data_len {
-        let n = (data_len - off).min(buf.len() as u64) as usize;
+    while off < db_len {
+        let n = usize::try_from((db_len - off).min(buf.len() as u64)).unwrap_or(buf.len());
         src.read_at(off, &mut buf[..n]).map_err(io_err)?;
         h.update(&buf[..n]);
         off += n as u64;
     }
-    let mut trailer = [0u8; 32];
-    src.read_at(data_len, &mut trailer).map_err(io_err)?;
-    let computed: [u8; 32] = h.finalize();
-    if computed != trailer {
-        return Err(VerifyError::Trailer(format!(
-            "the sha256 trailer (bytes {data_len}..{size}) does not match the data: expected {}, computed {}; the file is damaged",
-            hex::encode(trailer),
-            hex::encode(computed)
-        )));
+    let mut stored = [0u8; 32];
+    src.read_at(db_len, &mut stored).map_err(io_err)?;
+    let computed: [u8; 32] = h.finalize().into();
+    if computed != stored {
+        return Err(VerifyError::TrailerMismatch {
+            offset: db_len,
+            file_size,
+            stored: bbolt::hex_prefix(&stored),
+            computed: bbolt::hex_prefix(&computed),
+        });
     }
     Ok(())
 }
@@ -227,3 +398,6 @@ fn io_err(source: std::io::Error) -> VerifyError {
         source,
     }
 }
+
+#[cfg(test)]
+mod tests;
