@@ -5,7 +5,7 @@ use crate::config::{Config, ConfigError};
 use crate::cycle::{self, CycleInput};
 use crate::manifest::Manifest;
 use crate::store::BackupStore;
-use crate::{daemon, restore as fetch, spool, verify};
+use crate::{daemon, restore as fetch, spool, verifier};
 use serde::Serialize;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
@@ -290,9 +290,9 @@ async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
 async fn verify_file(path: &std::path::Path, json: bool) -> Result<(), CommandError> {
     let p = path.to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
-        verify::verify_file(
+        verifier::verify_file(
             &p,
-            &verify::VerifyOptions {
+            &verifier::VerifyOptions {
                 check_trailer: true,
             },
         )
@@ -360,6 +360,7 @@ async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandErr
             "plan": outcome.plan,
             "deleted": outcome.deleted,
             "orphans_removed": outcome.orphans_removed,
+            "uploads_aborted": outcome.uploads_aborted,
             "failed": outcome.failed,
             "foreign_objects": outcome.foreign,
             "unreadable_manifests": outcome.unreadable,
@@ -377,12 +378,13 @@ async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandErr
         let verb = if dry_run { "would delete" } else { "deleted" };
         let n_delete = outcome.plan.to_delete().count();
         println!(
-            "{} backups: {verb} {}, kept {}; orphaned data objects {}: {}; objects not ours (left alone): {}",
+            "{} backups: {verb} {}, kept {}; orphaned data objects {}: {}; stale incomplete uploads aborted: {}; objects not ours (left alone): {}",
             outcome.plan.decisions.len(),
             if dry_run { n_delete } else { outcome.deleted.len() },
             outcome.plan.decisions.len() - n_delete,
             if dry_run { "to remove" } else { "removed" },
             outcome.orphans_removed.len(),
+            outcome.uploads_aborted.len(),
             outcome.foreign
         );
     }

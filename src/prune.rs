@@ -16,6 +16,10 @@ use crate::store::{BackupStore, StoreError};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
+/// An incomplete multipart upload under our prefix older than this is aborted: no cycle
+/// runs that long, so it can only be left over from a crash.
+pub const STALE_UPLOAD_AGE: chrono::Duration = chrono::Duration::hours(24);
+
 /// What a prune did (or, with `dry_run`, would do).
 #[derive(Debug)]
 pub struct PruneOutcome {
@@ -25,6 +29,8 @@ pub struct PruneOutcome {
     pub deleted: Vec<String>,
     /// Orphaned data objects removed (keys).
     pub orphans_removed: Vec<String>,
+    /// Incomplete multipart uploads older than [`STALE_UPLOAD_AGE`] that were aborted (keys).
+    pub uploads_aborted: Vec<String>,
     /// Deletions that failed: key and error. They are retried at the next prune.
     pub failed: Vec<(String, String)>,
     /// Objects under our directory that this tool did not write (left alone).
@@ -61,6 +67,7 @@ pub async fn prune(
         plan,
         deleted: Vec::new(),
         orphans_removed: Vec::new(),
+        uploads_aborted: Vec::new(),
         failed: Vec::new(),
         foreign: listing.foreign,
         unreadable: listing.unreadable.len(),
@@ -147,6 +154,32 @@ pub async fn prune(
                     outcome.failed.push((key.clone(), e.to_string()));
                 }
             }
+        }
+    }
+    match store.pending_uploads().await {
+        Ok(uploads) => {
+            for up in uploads
+                .iter()
+                .filter(|u| u.initiated < now - STALE_UPLOAD_AGE)
+            {
+                if dry_run {
+                    outcome.uploads_aborted.push(up.key.clone());
+                    continue;
+                }
+                match store.abort_pending(up).await {
+                    Ok(()) => {
+                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted a stale incomplete multipart upload");
+                        outcome.uploads_aborted.push(up.key.clone());
+                    }
+                    Err(e) => outcome.failed.push((up.key.clone(), e.to_string())),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list incomplete multipart uploads; retried at the next prune");
+            outcome
+                .failed
+                .push((store.layout().base().to_string(), e.to_string()));
         }
     }
     if outcome.foreign > 0 {

@@ -82,6 +82,28 @@ pub struct BackupStore {
     s3: bool,
     /// Root directory of a `file://` store, to remove directories an aborted upload leaves.
     local_root: Option<std::path::PathBuf>,
+    /// S3 only: what listing and aborting multipart uploads needs.
+    s3_uploads: Option<Arc<S3Uploads>>,
+}
+
+/// Lists and aborts incomplete multipart uploads on S3 (object_store has no
+/// ListMultipartUploads; the request is signed with its own SigV4 signer).
+struct S3Uploads {
+    s3: Arc<object_store::aws::AmazonS3>,
+    client: object_store::client::HttpClient,
+    bucket_url: String,
+    region: String,
+}
+
+/// An incomplete multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The object key being uploaded.
+    pub key: String,
+    /// The upload id.
+    pub upload_id: String,
+    /// When it was started.
+    pub initiated: chrono::DateTime<chrono::Utc>,
 }
 
 impl std::fmt::Debug for BackupStore {
@@ -102,6 +124,7 @@ impl BackupStore {
             url: url.clone(),
             detail,
         };
+        let mut s3_uploads = None;
         let local_root = match &cfg.url {
             StorageUrl::File { dir } => Some(dir.clone()),
             StorageUrl::S3 { .. } => None,
@@ -150,8 +173,40 @@ impl BackupStore {
                         b = b.with_token(token.expose());
                     }
                 }
-                let s = b.build().map_err(|e| setup(e.to_string()))?;
-                (Arc::new(s), prefix.clone(), true)
+                let s = Arc::new(b.build().map_err(|e| setup(e.to_string()))?);
+                let options = ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(60))
+                    .with_allow_http(
+                        cfg.endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    );
+                let client = object_store::client::HttpConnector::connect(
+                    &object_store::client::ReqwestConnector::default(),
+                    &options,
+                )
+                .map_err(|e| setup(e.to_string()))?;
+                let base = cfg
+                    .endpoint
+                    .clone()
+                    .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+                let base = base.trim_end_matches('/');
+                let bucket_url = if cfg.path_style {
+                    format!("{base}/{bucket}")
+                } else {
+                    match base.split_once("://") {
+                        Some((scheme, host)) => format!("{scheme}://{bucket}.{host}"),
+                        None => format!("https://{bucket}.{base}"),
+                    }
+                };
+                s3_uploads = Some(Arc::new(S3Uploads {
+                    s3: s.clone(),
+                    client,
+                    bucket_url,
+                    region: cfg.region.clone(),
+                }));
+                (s, prefix.clone(), true)
             }
         };
         Ok(BackupStore {
@@ -161,6 +216,7 @@ impl BackupStore {
             storage_class: cfg.storage_class.clone(),
             s3,
             local_root,
+            s3_uploads,
         })
     }
 
@@ -276,6 +332,94 @@ impl BackupStore {
             .await
             .map_err(|e| self.err("reading", key, &e))?;
         Ok(r.into_stream().map_err(std::io::Error::other).boxed())
+    }
+
+    /// Incomplete multipart uploads under the cluster's directory (S3 only; a local store
+    /// has none that outlive a process).
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the listing fails.
+    pub async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError> {
+        let Some(u) = &self.s3_uploads else {
+            return Ok(Vec::new());
+        };
+        let prefix = format!("{}/", self.layout.base());
+        let fail = |detail: String| {
+            StoreError::Request {
+            url: self.url.clone(),
+            op: "listing the multipart uploads under",
+            key: prefix.clone(),
+            detail,
+            hint: "check that the credentials may list multipart uploads (s3:ListBucketMultipartUploads)",
+        }
+        };
+        let credential =
+            u.s3.credentials()
+                .get_credential()
+                .await
+                .map_err(|e| fail(flatten(&e)))?;
+        let mut out = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        for _page in 0..1000 {
+            let mut url = url::Url::parse(&u.bucket_url).map_err(|e| fail(e.to_string()))?;
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("uploads", "").append_pair("prefix", &prefix);
+                if let Some((k, id)) = &markers {
+                    q.append_pair("key-marker", k)
+                        .append_pair("upload-id-marker", id);
+                }
+            }
+            let mut req = http::Request::builder()
+                .method(http::Method::GET)
+                .uri(url.as_str())
+                .body(object_store::client::HttpRequestBody::from(Vec::new()))
+                .map_err(|e| fail(e.to_string()))?;
+            object_store::aws::AwsAuthorizer::new(&credential, "s3", &u.region)
+                .try_authorize(&mut req, None)
+                .map_err(|e| fail(flatten(&e)))?;
+            let resp = u.client.execute(req).await.map_err(|e| fail(flatten(&e)))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .bytes()
+                .await
+                .map_err(|e| fail(flatten(&e)))?;
+            let text = String::from_utf8_lossy(&body);
+            if !status.is_success() {
+                return Err(fail(format!(
+                    "HTTP {status}: {}",
+                    text.chars().take(300).collect::<String>()
+                )));
+            }
+            let page = parse_list_uploads(&text);
+            out.extend(page.uploads);
+            match page.next {
+                Some(next) => markers = Some(next),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Aborts an incomplete multipart upload found by [`BackupStore::pending_uploads`].
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refuses.
+    pub async fn abort_pending(&self, up: &PendingUpload) -> Result<(), StoreError> {
+        let Some(u) = &self.s3_uploads else {
+            return Ok(());
+        };
+        match object_store::multipart::MultipartStore::abort_multipart(
+            u.s3.as_ref(),
+            &ObjPath::from(up.key.as_str()),
+            &up.upload_id,
+        )
+        .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("aborting the incomplete upload of", &up.key, &e)),
+        }
     }
 
     /// The number of manifests and the newest committed backup, with one listing and as
@@ -448,6 +592,67 @@ impl Drop for Upload {
     }
 }
 
+/// One page of a ListMultipartUploads answer.
+#[derive(Debug, Default)]
+struct UploadsPage {
+    uploads: Vec<PendingUpload>,
+    /// Key and upload-id markers of the next page, when truncated.
+    next: Option<(String, String)>,
+}
+
+/// The text of each `<tag>…</tag>` in `s`, in order.
+fn xml_all<'a>(s: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(&open) {
+        let after = &rest[i + open.len()..];
+        let Some(j) = after.find(&close) else { break };
+        out.push(&after[..j]);
+        rest = &after[j + close.len()..];
+    }
+    out
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+fn parse_list_uploads(xml: &str) -> UploadsPage {
+    let mut page = UploadsPage::default();
+    for u in xml_all(xml, "Upload") {
+        let field = |t: &str| xml_all(u, t).first().map(|v| xml_unescape(v));
+        let (Some(key), Some(upload_id)) = (field("Key"), field("UploadId")) else {
+            continue;
+        };
+        let initiated = field("Initiated")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, |t| t.to_utc());
+        page.uploads.push(PendingUpload {
+            key,
+            upload_id,
+            initiated,
+        });
+    }
+    let truncated = xml_all(xml, "IsTruncated").first() == Some(&"true");
+    if truncated {
+        let k = xml_all(xml, "NextKeyMarker")
+            .first()
+            .map(|v| xml_unescape(v));
+        let id = xml_all(xml, "NextUploadIdMarker")
+            .first()
+            .map(|v| xml_unescape(v));
+        if let (Some(k), Some(id)) = (k, id) {
+            page.next = Some((k, id));
+        }
+    }
+    page
+}
+
 /// The error and its sources on one line.
 fn flatten(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -563,6 +768,29 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn list_uploads_answers_are_parsed() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket>
+<IsTruncated>true</IsTruncated><NextKeyMarker>p/c/x&amp;y</NextKeyMarker><NextUploadIdMarker>id2</NextUploadIdMarker>
+<Upload><Key>p/c/20260101T000000Z-000001/snapshot.db.zst</Key><UploadId>id1</UploadId><Initiated>2026-01-01T00:00:00.000Z</Initiated></Upload>
+<Upload><Key>p/c/x&amp;y</Key><UploadId>id2</UploadId><Initiated>2026-01-02T00:00:00Z</Initiated></Upload>
+</ListMultipartUploadsResult>"#;
+        let p = parse_list_uploads(xml);
+        assert_eq!(p.uploads.len(), 2);
+        assert_eq!(p.uploads[0].upload_id, "id1");
+        assert_eq!(p.uploads[1].key, "p/c/x&y");
+        assert_eq!(
+            p.uploads[0].initiated,
+            chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+                .unwrap()
+                .to_utc()
+        );
+        assert_eq!(p.next, Some(("p/c/x&y".to_string(), "id2".to_string())));
+        let last = parse_list_uploads("<IsTruncated>false</IsTruncated>");
+        assert!(last.uploads.is_empty() && last.next.is_none());
     }
 
     #[test]

@@ -301,3 +301,70 @@ fn raw_store(env: &Env) -> object_store::aws::AmazonS3 {
         .build()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
+    use object_store::ObjectStoreExt;
+    let env = setup("stale-uploads", "keep_last = 2");
+    let raw = raw_store(&env);
+    // Two abandoned uploads under our prefix, one elsewhere in the bucket.
+    for key in [
+        "etcd/prod/20260101T000000Z-000001/snapshot.db.zst",
+        "etcd/prod/20260101T000000Z-000002/snapshot.db.zst",
+        "other/big.bin",
+    ] {
+        let mut up = raw
+            .put_multipart(&object_store::path::Path::from(key))
+            .await
+            .unwrap();
+        up.put_part(vec![7u8; 5 * 1024 * 1024].into())
+            .await
+            .unwrap();
+        drop(up); // neither completed nor aborted
+    }
+    let g = garage();
+    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 3);
+    let policy = etcd_backup::retention::RetentionPolicy::default();
+    // Young uploads may belong to a running cycle: left alone.
+    let now = Utc::now();
+    let o = etcd_backup::prune::prune(
+        &env.store,
+        &policy,
+        now,
+        std::time::Duration::from_secs(1200),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(o.uploads_aborted.is_empty(), "{o:?}");
+    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 3);
+    // Two days later they are stale: ours are aborted, the foreign one stays.
+    let later = now + Duration::days(2);
+    let dry = etcd_backup::prune::prune(
+        &env.store,
+        &policy,
+        later,
+        std::time::Duration::from_secs(1200),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(dry.uploads_aborted.len(), 2);
+    assert_eq!(
+        g.incomplete_multipart_uploads(&env.bucket),
+        3,
+        "a dry run aborts nothing"
+    );
+    let o = etcd_backup::prune::prune(
+        &env.store,
+        &policy,
+        later,
+        std::time::Duration::from_secs(1200),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o.uploads_aborted.len(), 2, "{o:?}");
+    assert!(o.failed.is_empty(), "{o:?}");
+    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 1);
+}

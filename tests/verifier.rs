@@ -5,7 +5,7 @@
 
 mod support;
 
-use etcd_backup::verify::{verify_bytes, verify_file, VerifyError, VerifyOptions};
+use etcd_backup::verifier::{verify_bytes, verify_file, VerifyError, VerifyOptions};
 use proptest::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
