@@ -55,3 +55,18 @@ impl CycleError {
         }
     }
 }
+
+/// An error and its sources on one line, each source once.
+pub fn flatten(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    text
+}

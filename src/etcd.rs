@@ -275,18 +275,6 @@ fn describe(e: &etcd_client::Error) -> String {
         etcd_client::Error::GRpcStatus(s) => {
             format!("{:?}: {}", s.code(), s.message())
         }
-        other => {
-            let mut text = other.to_string();
-            let mut src = std::error::Error::source(other);
-            while let Some(s) = src {
-                let t = s.to_string();
-                if !text.contains(&t) {
-                    text.push_str(": ");
-                    text.push_str(&t);
-                }
-                src = s.source();
-            }
-            text
-        }
+        other => crate::error::flatten(other),
     }
 }

@@ -8,6 +8,7 @@
 //!   a backup exist: [`BackupStore::list`] reports only backups with a readable manifest.
 
 use crate::config::{StorageConfig, StorageUrl};
+use crate::error::flatten;
 use crate::manifest::Manifest;
 use crate::naming::{BackupId, Layout, ObjectKind};
 use bytes::Bytes;
@@ -651,21 +652,6 @@ fn parse_list_uploads(xml: &str) -> UploadsPage {
         }
     }
     page
-}
-
-/// The error and its sources on one line.
-fn flatten(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        src = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
