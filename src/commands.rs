@@ -5,7 +5,7 @@ use crate::config::{Config, ConfigError};
 use crate::cycle::{self, CycleInput};
 use crate::manifest::Manifest;
 use crate::store::BackupStore;
-use crate::{daemon, restore as fetch, spool, verifier};
+use crate::{daemon, restore as fetch, spool, verify};
 use serde::Serialize;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
@@ -290,9 +290,9 @@ async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
 async fn verify_file(path: &std::path::Path, json: bool) -> Result<(), CommandError> {
     let p = path.to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
-        verifier::verify_file(
+        verify::verify_file(
             &p,
-            &verifier::VerifyOptions {
+            &verify::VerifyOptions {
                 check_trailer: true,
             },
         )

@@ -20,7 +20,7 @@ use crate::pipeline::{self, PipelineError};
 use crate::spool::SpoolFile;
 use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
-use crate::verifier::{self, VerifyOptions};
+use crate::verify::{self, VerifyOptions};
 use chrono::Utc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -213,7 +213,7 @@ async fn stages(
     let t1 = Instant::now();
     let path = spool.path().to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
-        verifier::verify_file(
+        verify::verify_file(
             &path,
             &VerifyOptions {
                 check_trailer: false,

@@ -12,7 +12,7 @@
 //!
 //! # Modules
 //! Pure (decisions and formats, no I/O): [`config`] validation, [`naming`], [`manifest`],
-//! [`schedule`], [`verifier`] (over a file, read-only), [`compress`].
+//! [`schedule`], [`verify`] (over a file, read-only), [`compress`].
 //! At the I/O edges: [`etcd`] (the only user of etcd-client), [`store`] (the only user of
 //! object_store), [`spool`], [`pipeline`]; orchestration: [`cycle`], [`daemon`],
 //! [`commands`].
@@ -40,4 +40,4 @@ pub mod schedule;
 pub mod spool;
 pub mod store;
 pub mod systemd;
-pub mod verifier;
+pub mod verify;

@@ -5,7 +5,7 @@
 use crate::digest::Sha256;
 use crate::manifest::Manifest;
 use crate::store::{BackupStore, Listing};
-use crate::verifier::{self, VerifyOptions, VerifyReport};
+use crate::verify::{self, VerifyOptions, VerifyReport};
 use futures::TryStreamExt;
 use std::io::ErrorKind;
 use std::os::unix::fs::OpenOptionsExt;
@@ -44,7 +44,7 @@ pub enum RestoreError {
         /// The backup.
         id: String,
         /// The verifier's error.
-        source: verifier::VerifyError,
+        source: verify::VerifyError,
     },
 }
 
@@ -193,7 +193,7 @@ pub async fn fetch_to_file(
     }
     let p = part.clone();
     let report = tokio::task::spawn_blocking(move || {
-        verifier::verify_file(
+        verify::verify_file(
             &p,
             &VerifyOptions {
                 check_trailer: true,
