@@ -56,7 +56,7 @@ apt_install() {
   log "installing ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
-apt_install protobuf-compiler openssl curl ca-certificates python3 python3-venv gcc libc6-dev pkg-config make
+apt_install protobuf-compiler libprotobuf-dev openssl curl ca-certificates python3 python3-venv gcc libc6-dev pkg-config make
 
 apt_download_extract() { # package destination
   local pkg="$1" dest="$2" tmp

@@ -53,6 +53,14 @@ pub enum Command {
         #[arg(long)]
         endpoint: Option<String>,
     },
+    /// Show who takes the backups (the elected leader, since when) and the newest backup.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List committed backups, newest first.
     List {
         #[command(flatten)]

@@ -49,6 +49,10 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             let cfg = Config::load(&config.config)?;
             snapshot(&cfg, endpoint.as_deref()).await
         }
+        Command::Status { config, json } => {
+            let cfg = Config::load(&config.config)?;
+            status(&cfg, json).await
+        }
         Command::List { config, json } => {
             let cfg = Config::load(&config.config)?;
             list(&cfg, json).await
@@ -158,6 +162,8 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
         cancel: &cancel,
         heartbeat: None,
         progress: Some(&progress),
+        term: None,
+        slot: None,
     })
     .await;
     progress.finish();
@@ -189,6 +195,7 @@ struct ListEntry<'a> {
     cluster_id: &'a str,
     member: &'a str,
     member_name: &'a str,
+    node: &'a str,
 }
 
 impl<'a> From<&'a Manifest> for ListEntry<'a> {
@@ -205,7 +212,110 @@ impl<'a> From<&'a Manifest> for ListEntry<'a> {
             cluster_id: &m.cluster_id,
             member: &m.member,
             member_name: &m.member_name,
+            node: &m.node,
         }
+    }
+}
+
+/// The leader as seen through the first endpoint that answers.
+async fn find_leader(cfg: &Config) -> Result<Option<crate::election::LeaderView>, String> {
+    let name = cfg.election.election_name(&cfg.backup.cluster_name);
+    let mut errors = Vec::new();
+    for endpoint in &cfg.etcd.endpoints {
+        let r = async {
+            let m = crate::etcd::Member::connect(&cfg.etcd, endpoint).await?;
+            crate::election::current_leader(&m, &name).await
+        }
+        .await;
+        match r {
+            Ok(v) => return Ok(v),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - t).num_seconds().max(0);
+    let secs = u64::try_from(secs).unwrap_or(0);
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
+    let leader = if cfg.election.enabled {
+        Some(find_leader(cfg).await)
+    } else {
+        None
+    };
+    let store = open_store(cfg)?;
+    let newest = store.newest().await.map_err(|e| e.to_string());
+    if json {
+        let v = serde_json::json!({
+            "election": {
+                "enabled": cfg.election.enabled,
+                "name": cfg.election.election_name(&cfg.backup.cluster_name),
+                "leader": match &leader {
+                    Some(Ok(Some(l))) => serde_json::json!({
+                        "node": l.info.node,
+                        "since": l.info.since,
+                        "pid": l.info.pid,
+                        "fencing_token": l.token,
+                    }),
+                    _ => serde_json::Value::Null,
+                },
+                "error": match &leader {
+                    Some(Err(e)) => serde_json::Value::String(e.clone()),
+                    _ => serde_json::Value::Null,
+                },
+            },
+            "backups": match &newest {
+                Ok((count, m)) => serde_json::json!({
+                    "count": count,
+                    "newest": m.as_ref().map(ListEntry::from),
+                }),
+                Err(e) => serde_json::json!({ "error": e }),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v).map_err(failed)?);
+    } else {
+        match &leader {
+            None => println!("leader:        none elected ([election] enabled = false: every daemon with this configuration takes backups)"),
+            Some(Ok(Some(l))) => match l.info.since {
+                Some(since) => println!(
+                    "leader:        {} (since {}, {} ago; fencing token {})",
+                    l.info.node,
+                    since.format("%Y-%m-%d %H:%M:%SZ"),
+                    ago(since),
+                    l.token
+                ),
+                None => println!("leader:        {} (fencing token {})", l.info.node, l.token),
+            },
+            Some(Ok(None)) => println!(
+                "leader:        none: no daemon holds the election {:?}; check that etcd-backup runs on the control-plane nodes",
+                cfg.election.election_name(&cfg.backup.cluster_name)
+            ),
+            Some(Err(e)) => println!("leader:        unknown: {e}"),
+        }
+        match &newest {
+            Ok((count, Some(m))) => {
+                println!(
+                    "newest backup: {} (revision {}, finished {}, {} ago, by {})",
+                    m.id,
+                    m.revision,
+                    m.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
+                    ago(m.finished_at),
+                    m.node
+                );
+                println!("backups:       {count} in {}", store.url());
+            }
+            Ok((_, None)) => println!("newest backup: none in {}", store.url()),
+            Err(e) => println!("newest backup: unknown: {e}"),
+        }
+    }
+    match (&leader, &newest) {
+        (Some(Err(e)), _) => Err(failed(format!("cannot read the election from etcd: {e}"))),
+        (_, Err(e)) => Err(failed(format!("cannot list the store: {e}"))),
+        _ => Ok(()),
     }
 }
 

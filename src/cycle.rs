@@ -8,10 +8,15 @@
 //! 3. **upload**: only then is the multipart upload completed;
 //! 4. **commit**: the manifest is written last. A backup exists only once it is.
 //!
+//! With an election, the leadership is checked (fencing) before the snapshot, before the
+//! upload is completed and before the manifest is written, and losing it at any point
+//! aborts the cycle.
+//!
 //! Every way out before the commit — an error, the cycle timeout, cancellation — aborts the
 //! multipart upload and removes the spool file, so a failed cycle leaves nothing behind.
 
 use crate::config::Config;
+use crate::election::Term;
 use crate::error::{CycleError, Stage};
 use crate::etcd::Member;
 use crate::manifest::{Manifest, Verification, FORMAT_VERSION};
@@ -21,7 +26,7 @@ use crate::spool::SpoolFile;
 use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
 use crate::verify::{self, VerifyOptions};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +67,31 @@ pub struct CycleInput<'a> {
     pub heartbeat: Option<&'a Heartbeat>,
     /// Shows the snapshot's progress to a person (one-shot runs).
     pub progress: Option<&'a crate::progress::Progress>,
+    /// The leadership term the daemon runs this cycle under: checked before the snapshot,
+    /// before the upload is completed and before the manifest is written; losing it aborts
+    /// the cycle. `None`: no election (one-shot runs, `[election] enabled = false`).
+    pub term: Option<&'a Term>,
+    /// The scheduled time the cycle runs for (recorded in the manifest).
+    pub slot: Option<DateTime<Utc>>,
+}
+
+/// Fails with a fenced error unless this node still leads (always passes without a term).
+async fn fence(term: Option<&Term>, stage: Stage, before: &str) -> Result<(), CycleError> {
+    match term {
+        None => Ok(()),
+        Some(t) => t
+            .check(before)
+            .await
+            .map_err(|e| CycleError::fenced(stage, e)),
+    }
+}
+
+/// Resolves when the term ends; never without a term.
+async fn term_lost(term: Option<&Term>) {
+    match term {
+        Some(t) => t.lost().cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs one cycle.
@@ -83,6 +113,10 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
             tokio::select! {
                 r = &mut work => break r,
                 () = input.cancel.cancelled() => break Err(CycleError::new(Stage::Snapshot, "cancelled: the daemon is shutting down")),
+                () = term_lost(input.term) => break Err(CycleError::fenced(
+                    Stage::Snapshot,
+                    "this node lost the leadership during the cycle; the cycle is aborted and another node takes over the backups",
+                )),
                 () = &mut deadline => break Err(CycleError::new(
                     Stage::Snapshot,
                     format!("the cycle did not finish within backup.timeout ({}); raise it for large databases or slow links", humantime::format_duration(timeout)),
@@ -130,6 +164,7 @@ async fn stages(
         "connected to etcd"
     );
 
+    fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {
             snap_err(&format!(
@@ -244,6 +279,7 @@ async fn stages(
     drop(spool);
 
     let t2 = Instant::now();
+    fence(input.term, Stage::Upload, "before completing the upload").await?;
     let up = upload_slot.take().expect("upload in progress");
     up.finish()
         .await
@@ -281,9 +317,17 @@ async fn stages(
         },
         started_at,
         finished_at: Utc::now(),
-        node: hostname(),
+        node: cfg.election.node_name.clone(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        slot: input.slot,
+        fencing_token: input.term.map(Term::token),
     };
+    if let Err(e) = fence(input.term, Stage::Commit, "before writing the manifest").await {
+        if let Err(de) = input.store.delete(&data_key).await {
+            tracing::warn!(error = %de, key = %data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
+        }
+        return Err(e);
+    }
     if let Err(e) = input.store.put_manifest(&id, &manifest).await {
         // The data object is complete but uncommitted: remove it so nothing half-done stays.
         if let Err(de) = input.store.delete(&data_key).await {

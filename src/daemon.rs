@@ -14,6 +14,7 @@
 
 use crate::config::Config;
 use crate::cycle::{self, CycleInput};
+use crate::election::{self, Role, Term};
 use crate::etcd::Member;
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::{Metrics, Outcome, ResultLabels, StageLabels, StageValue};
@@ -178,14 +179,29 @@ pub async fn run(config: Config) -> Result<(), String> {
         cancel.clone(),
     ));
 
-    // Single-node mode: this node is the one taking backups.
-    metrics.is_leader.set(1);
+    // The election: only the leader runs scheduled cycles. Without it this node always runs
+    // them.
+    let (mut roles, elector) = if state.config.election.enabled {
+        let (tx, rx) = watch::channel(Role::Disconnected(None));
+        let task = tokio::spawn(election::run(
+            election::Settings::from_config(&state.config),
+            tx,
+            cancel.clone(),
+        ));
+        (Some(rx), Some(task))
+    } else {
+        metrics.is_leader.set(1);
+        metrics.election_up.set(1);
+        (None, None)
+    };
     let removed = spool::clean_stale(&state.config.backup.spool_dir);
     tracing::info!(
         schedule = %state.config.schedule.parsed.as_str(),
         timezone = %state.config.schedule.timezone.name(),
         storage = %state.store.url(),
         cluster = %state.config.backup.cluster_name,
+        node = %state.config.election.node_name,
+        election = state.config.election.enabled,
         stale_spool_files_removed = removed,
         "etcd-backup daemon started"
     );
@@ -194,42 +210,82 @@ pub async fn run(config: Config) -> Result<(), String> {
     set_schedule_metric(&metrics, &state.config.schedule.parsed);
     let mut slot = next_slot(&state.config.schedule.parsed, Utc::now());
     let mut last_result = "no backup yet".to_string();
+    // The term catch-up was last checked for; a new term (or, without an election, the
+    // start) checks whether the last scheduled slot was missed.
+    let mut seen_term: Option<Arc<Term>> = None;
+    let mut catch_up = roles.is_none();
     systemd::ready(&status_line(&last_result, slot));
     while !cancel.is_cancelled() {
         heartbeat.beat();
-        let wait = match slot {
-            None => {
-                tracing::error!(schedule = %state.config.schedule.cron, "the schedule has no future run; waiting for a reload (SIGHUP) with a new schedule");
-                Some(max_sleep)
-            }
-            Some(at) => match decide(at, Utc::now()) {
-                SlotDecision::Wait(d) => Some(d.min(max_sleep)),
-                SlotDecision::Skip => {
-                    tracing::warn!(slot = %at, "skipping a scheduled run whose time passed (the host was suspended or the clock jumped)");
-                    slot = next_slot(&state.config.schedule.parsed, Utc::now());
-                    continue;
+        let term = match &roles {
+            None => None,
+            Some(rx) => {
+                let role = rx.borrow().clone();
+                let term = role.term().cloned();
+                observe_role(&metrics, &role, seen_term.as_ref(), term.as_ref());
+                let new_term = match (&term, &seen_term) {
+                    (Some(t), Some(s)) => !Arc::ptr_eq(t, s),
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                if new_term {
+                    catch_up = true;
                 }
-                SlotDecision::Run => None,
-            },
+                seen_term.clone_from(&term);
+                term
+            }
         };
-        if let Some(d) = wait {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(d) => {},
-                _ = hup.recv() => {
-                    if let Some(new) = reload(&state, &mut server, &http_state, &cancel, &metrics).await {
-                        state = new;
-                        set_schedule_metric(&metrics, &state.config.schedule.parsed);
-                        let _ = state_tx.send(state.clone());
-                        slot = next_slot(&state.config.schedule.parsed, Utc::now());
-                    }
-                    systemd::ready(&status_line(&last_result, slot));
-                }
+        let may_run = roles.is_none() || term.is_some();
+        let mut run_for = None;
+        if may_run && catch_up {
+            catch_up = false;
+            run_for = missed_slot(&state, Utc::now()).await;
+            if let Some(missed) = run_for {
+                tracing::info!(slot = %missed, "the last scheduled backup was missed (no committed backup since that slot); running it now, once");
             }
-            continue;
+        }
+        if run_for.is_none() {
+            let wait = match slot {
+                None => {
+                    tracing::error!(schedule = %state.config.schedule.cron, "the schedule has no future run; waiting for a reload (SIGHUP) with a new schedule");
+                    Some(max_sleep)
+                }
+                Some(at) => match decide(at, Utc::now()) {
+                    SlotDecision::Wait(d) => Some(d.min(max_sleep)),
+                    SlotDecision::Skip => {
+                        tracing::warn!(slot = %at, "skipping a scheduled run whose time passed (the host was suspended or the clock jumped)");
+                        slot = next_slot(&state.config.schedule.parsed, Utc::now());
+                        continue;
+                    }
+                    SlotDecision::Run if !may_run => {
+                        tracing::debug!(slot = %at, "not the leader: another node takes this backup");
+                        slot = next_slot(&state.config.schedule.parsed, Utc::now());
+                        continue;
+                    }
+                    SlotDecision::Run => None,
+                },
+            };
+            if let Some(d) = wait {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(d) => {},
+                    () = role_changed(&mut roles) => {},
+                    _ = hup.recv() => {
+                        if let Some(new) = reload(&state, &mut server, &http_state, &cancel, &metrics).await {
+                            state = new;
+                            set_schedule_metric(&metrics, &state.config.schedule.parsed);
+                            let _ = state_tx.send(state.clone());
+                            slot = next_slot(&state.config.schedule.parsed, Utc::now());
+                        }
+                        systemd::ready(&status_line(&last_result, slot));
+                    }
+                }
+                continue;
+            }
+            run_for = slot;
         }
 
-        let at = slot.expect("a slot to run");
+        let Some(at) = run_for else { continue };
         tracing::info!(slot = %at, "starting scheduled backup");
         systemd::status(&format!("backing up (slot {at}); last: {last_result}"));
         metrics
@@ -245,9 +301,12 @@ pub async fn run(config: Config) -> Result<(), String> {
             cancel: &cancel,
             heartbeat: Some(&heartbeat),
             progress: None,
+            term: term.as_deref(),
+            slot: Some(at),
         })
         .await;
-        if !cancel.is_cancelled() {
+        let fenced = matches!(&r, Err(e) if e.fenced);
+        if !cancel.is_cancelled() && !fenced {
             metrics.observe_cycle(&r);
         }
         match &r {
@@ -258,10 +317,13 @@ pub async fn run(config: Config) -> Result<(), String> {
                     rep.manifest.id,
                     rep.manifest.finished_at.format("%Y-%m-%d %H:%M:%SZ")
                 );
-                prune_after_cycle(&cycle_state, &metrics).await;
+                prune_after_cycle(&cycle_state, &metrics, term.as_deref()).await;
             }
             Err(e) if cancel.is_cancelled() => {
                 tracing::warn!(error = %e, "backup aborted by shutdown");
+            }
+            Err(e) if e.fenced => {
+                tracing::warn!(stage = %e.stage, error = %e.message, "backup aborted: leadership lost; nothing was committed");
             }
             Err(e) => {
                 tracing::error!(stage = %e.stage, error = %e.message, "scheduled backup failed");
@@ -286,6 +348,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     systemd::stopping();
     cancel.cancel();
     let tasks = async {
+        if let Some(e) = elector {
+            let _ = e.await;
+        }
         let _ = refresher.await;
         let _ = driller.await;
     };
@@ -473,9 +538,64 @@ fn status_line(last: &str, next: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// Updates the leadership metrics for `role`; `previous` is the term seen before.
+fn observe_role(
+    metrics: &Metrics,
+    role: &Role,
+    previous: Option<&Arc<Term>>,
+    now: Option<&Arc<Term>>,
+) {
+    let changed = match (previous, now) {
+        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+        (None, None) => false,
+        _ => true,
+    };
+    if changed {
+        metrics.leader_changes.inc();
+    }
+    metrics.is_leader.set(i64::from(now.is_some()));
+    metrics
+        .election_up
+        .set(i64::from(!matches!(role, Role::Disconnected(_))));
+}
+
+/// Resolves when this node's role changes; never without an election (or once the
+/// election task has ended).
+async fn role_changed(roles: &mut Option<watch::Receiver<Role>>) {
+    match roles {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The last scheduled slot at or before `now` when no committed backup was taken for it or
+/// after it: a new leader (or a restarted daemon) runs that slot once.
+async fn missed_slot(state: &State, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let prev = state.config.schedule.parsed.previous_at_or_before(now)?;
+    match state.store.newest().await {
+        Ok((_, Some(m))) if m.slot.unwrap_or(m.time) >= prev => None,
+        Ok(_) => Some(prev),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the store to check for a missed backup; waiting for the next slot");
+            None
+        }
+    }
+}
+
 /// Applies retention after a successful backup. Failures are logged and counted; they
-/// never fail the backup that was just committed.
-async fn prune_after_cycle(state: &State, metrics: &Metrics) {
+/// never fail the backup that was just committed. Under an election, only while this node
+/// still leads.
+async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>) {
+    if let Some(t) = term {
+        if let Err(e) = t.check("before pruning").await {
+            tracing::warn!(error = %e, "prune skipped");
+            return;
+        }
+    }
     let policy = state
         .config
         .retention

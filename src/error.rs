@@ -44,6 +44,9 @@ pub struct CycleError {
     pub stage: Stage,
     /// What failed and what to check. Never contains a secret.
     pub message: String,
+    /// The cycle was stopped because this node lost the leadership (not a failure of the
+    /// backup path: the new leader takes the backup).
+    pub fenced: bool,
 }
 
 impl CycleError {
@@ -52,6 +55,16 @@ impl CycleError {
         Self {
             stage,
             message: message.to_string(),
+            fenced: false,
+        }
+    }
+
+    /// The cycle was stopped at `stage` because this node lost the leadership.
+    pub fn fenced(stage: Stage, message: impl fmt::Display) -> Self {
+        Self {
+            stage,
+            message: message.to_string(),
+            fenced: true,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The only module that talks to etcd: connecting (TLS, timeouts), member status, and the
-//! snapshot stream of one member.
+//! Talking to etcd: connecting (TLS, timeouts), member status, and the snapshot stream of
+//! one member. The election (`election`) uses the same connections.
 //!
 //! A snapshot is always taken from a client connected to exactly one endpoint: the local
 //! member. Status is read through the same client, so the revision and sizes recorded in the
@@ -159,7 +159,17 @@ impl Member {
         &self.endpoint
     }
 
-    fn unreachable(&self, e: &etcd_client::Error) -> EtcdError {
+    /// The underlying client (for the election and fencing requests).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The timeout of one unary request.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    pub(crate) fn unreachable(&self, e: &etcd_client::Error) -> EtcdError {
         EtcdError::Unreachable {
             endpoint: self.endpoint.clone(),
             detail: describe(e),
@@ -171,7 +181,7 @@ impl Member {
         }
     }
 
-    async fn timed<T>(
+    pub(crate) async fn timed<T>(
         &self,
         what: &'static str,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,

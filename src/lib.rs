@@ -25,6 +25,7 @@ pub mod cycle;
 pub mod daemon;
 pub mod digest;
 pub mod drill;
+pub mod election;
 pub mod error;
 pub mod etcd;
 pub mod http;

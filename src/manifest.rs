@@ -59,10 +59,17 @@ pub struct Manifest {
     pub started_at: DateTime<Utc>,
     /// When the manifest was written.
     pub finished_at: DateTime<Utc>,
-    /// Host (node) that made the backup.
+    /// Node that made the backup (`[election] node_name`, default the host name).
     pub node: String,
     /// Version of etcd-backup that made the backup.
     pub tool_version: String,
+    /// The scheduled time this backup was taken for (daemon runs; unset for one-shot runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<DateTime<Utc>>,
+    /// The election key's revision while the node that made the backup led (daemon runs
+    /// with `[election]` on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<i64>,
 }
 
 /// What the verifier found in the snapshot before it was committed.
@@ -137,6 +144,8 @@ pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
         finished_at: time,
         node: "cp1".into(),
         tool_version: "0.1.0".into(),
+        slot: None,
+        fencing_token: None,
     }
 }
 

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub is_leader: Gauge,
     /// Times this node gained or lost the snapshotter role.
     pub leader_changes: Counter,
+    /// 1 while this node takes part in the election (its lease is alive).
+    pub election_up: Gauge,
     /// Size of the local member's database file.
     pub db_size: Gauge,
     /// Bytes in use of the local member's database.
@@ -173,6 +175,7 @@ impl Metrics {
             pruned: Counter::default(),
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
+            election_up: Gauge::default(),
             db_size: Gauge::default(),
             db_size_in_use: Gauge::default(),
             db_quota: Gauge::default(),
@@ -246,6 +249,11 @@ impl Metrics {
             "leader_changes",
             "Times this node became or stopped being the one taking backups",
             m.leader_changes.clone(),
+        );
+        r.register(
+            "election_up",
+            "1 while this node takes part in the snapshotter election (connected to etcd, lease alive); 1 too when the election is off",
+            m.election_up.clone(),
         );
         r.register_with_unit(
             "db_size",

@@ -80,6 +80,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[drill]`
     pub drill: DrillConfig,
+    /// `[election]`
+    pub election: ElectionConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -221,6 +223,28 @@ pub struct DrillConfig {
     pub timeout: Duration,
 }
 
+/// Which node takes the backups: the daemons elect one through an etcd lease.
+#[derive(Debug, Clone, Serialize)]
+pub struct ElectionConfig {
+    /// `false`: this daemon takes backups without an election (a single control-plane
+    /// node, or an external mechanism makes sure only one daemon runs).
+    pub enabled: bool,
+    /// Key prefix of the election; the election name is `KEY_PREFIX/CLUSTER_NAME`.
+    pub key_prefix: String,
+    /// TTL of the lease the leadership is bound to.
+    #[serde(with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+    /// This node's name in the election and in the manifests it writes.
+    pub node_name: String,
+}
+
+impl ElectionConfig {
+    /// The election's name in etcd for `cluster_name`.
+    pub fn election_name(&self, cluster_name: &str) -> String {
+        format!("{}/{cluster_name}", self.key_prefix.trim_end_matches('/'))
+    }
+}
+
 /// Default `[metrics] listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9479";
 
@@ -301,7 +325,7 @@ mod raw {
         pub retention: Retention,
         pub metrics: Metrics,
         pub drill: Drill,
-        pub election: Option<toml::Value>,
+        pub election: Election,
         pub encryption: Option<toml::Value>,
     }
 
@@ -340,6 +364,15 @@ mod raw {
         pub compression_level: Option<i32>,
         pub spool_dir: Option<String>,
         pub timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Election {
+        pub enabled: Option<bool>,
+        pub key_prefix: Option<String>,
+        pub lease_ttl: Option<String>,
+        pub node_name: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -481,10 +514,7 @@ impl Config {
 
     fn from_raw(raw: raw::Raw, path: &Path) -> Result<Config, ConfigError> {
         let mut p = Problems(Vec::new());
-        for (name, present) in [
-            ("election", raw.election.is_some()),
-            ("encryption", raw.encryption.is_some()),
-        ] {
+        for (name, present) in [("encryption", raw.encryption.is_some())] {
             if present {
                 p.push(
                     name,
@@ -503,6 +533,7 @@ impl Config {
         let retention = Self::retention_from_raw(raw.retention, &mut p);
         let metrics = Self::metrics_from_raw(raw.metrics, &mut p);
         let drill = Self::drill_from_raw(raw.drill, schedule.timezone, &mut p);
+        let election = Self::election_from_raw(raw.election, &mut p);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -513,6 +544,7 @@ impl Config {
                 retention,
                 metrics,
                 drill,
+                election,
                 source: path.to_path_buf(),
             })
         } else {
@@ -696,6 +728,47 @@ impl Config {
         }
     }
 
+    fn election_from_raw(r: raw::Election, p: &mut Problems) -> ElectionConfig {
+        let key_prefix = r
+            .key_prefix
+            .unwrap_or_else(|| "/etcd-backup/election".to_string());
+        if key_prefix.trim_end_matches('/').is_empty()
+            || key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            p.push(
+                "election.key_prefix",
+                format!("{key_prefix:?} must be a non-empty etcd key prefix without spaces, e.g. \"/etcd-backup/election\""),
+            );
+        }
+        let lease_ttl = p.duration("election.lease_ttl", r.lease_ttl.as_deref(), "15s");
+        if lease_ttl.subsec_nanos() != 0 || !(2..=300).contains(&lease_ttl.as_secs()) {
+            p.push(
+                "election.lease_ttl",
+                "must be whole seconds from 2s to 300s (etcd lease TTLs are in seconds); 15s suits most clusters",
+            );
+        }
+        let node_name = r.node_name.unwrap_or_else(crate::cycle::hostname);
+        if node_name.is_empty()
+            || node_name.len() > 128
+            || node_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            p.push(
+                "election.node_name",
+                format!("{node_name:?} must be 1-128 characters without spaces (default: the host name)"),
+            );
+        }
+        ElectionConfig {
+            enabled: r.enabled.unwrap_or(true),
+            key_prefix,
+            lease_ttl,
+            node_name,
+        }
+    }
+
     fn drill_from_raw(r: raw::Drill, tz: Tz, p: &mut Problems) -> DrillConfig {
         let schedule = r
             .cron
@@ -812,6 +885,7 @@ impl Config {
             retention: &'a RetentionConfig,
             metrics: &'a MetricsConfig,
             drill: &'a DrillConfig,
+            election: &'a ElectionConfig,
         }
         #[derive(Serialize)]
         struct EtcdView<'a> {
@@ -872,6 +946,7 @@ impl Config {
             retention: &self.retention,
             metrics: &self.metrics,
             drill: &self.drill,
+            election: &self.election,
         };
         toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
@@ -1004,7 +1079,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let err = load_str(
-            "[etcd]\nendpoints = [\"ftp://x\"]\ndial_timeout = \"soon\"\n[backup]\ncompression = \"lz4\"\ncluster_name = \"a/b\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[retention]\nmin_keep = 0\n[election]\nttl = 3\n",
+            "[etcd]\nendpoints = [\"ftp://x\"]\ndial_timeout = \"soon\"\n[backup]\ncompression = \"lz4\"\ncluster_name = \"a/b\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[retention]\nmin_keep = 0\n[election]\nlease_ttl = \"1500ms\"\n[encryption]\nx = 1\n",
             &[],
         )
         .unwrap_err();
@@ -1017,7 +1092,8 @@ mod tests {
             "schedule.cron",
             "schedule.timezone",
             "retention.min_keep",
-            "election",
+            "election.lease_ttl",
+            "encryption",
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
