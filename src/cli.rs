@@ -85,6 +85,10 @@ pub enum Command {
         /// or `etcd-backup restore`).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// age identity file to decrypt encrypted backups (default: [encryption]
+        /// identity_file).
+        #[arg(long)]
+        identity: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -99,6 +103,10 @@ pub enum Command {
         /// Where to write the snapshot file (must not exist).
         #[arg(long, short = 'o')]
         output: PathBuf,
+        /// age identity file to decrypt an encrypted backup (default: [encryption]
+        /// identity_file).
+        #[arg(long)]
+        identity: Option<PathBuf>,
         /// Also run `etcdutl snapshot restore` into this new data directory (must not exist).
         #[arg(long, requires = "peer_url")]
         data_dir: Option<PathBuf>,
@@ -126,7 +134,21 @@ pub enum Command {
     },
     /// Run a restore drill now: download the newest backup, verify it, restore it into a
     /// throwaway etcd (when etcd and etcdutl are available) and check what it serves.
-    Drill(ConfigArg),
+    Drill {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// age identity file to decrypt an encrypted backup (default: [encryption]
+        /// identity_file).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+    /// Create an age identity for `[encryption]`: writes the secret key to FILE (mode 0600,
+    /// never overwriting) and prints its public key (the recipient) on stdout.
+    Keygen {
+        /// Where to write the identity.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
     /// Write the man pages and shell completions (used when packaging).

@@ -62,18 +62,20 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             backup,
             all,
             file,
+            identity,
             json,
         } => match file {
             Some(file) => verify_file(&file, json).await,
             None => {
                 let cfg = Config::load(&config)?;
-                verify_backups(&cfg, &backup, all, json).await
+                verify_backups(&cfg, &backup, all, json, identity.as_deref()).await
             }
         },
         Command::Restore {
             config,
             backup,
             output,
+            identity,
             data_dir,
             name,
             peer_url,
@@ -91,7 +93,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
                     cluster,
                 }
             });
-            restore(&cfg, &backup, &output, member).await
+            restore(&cfg, &backup, &output, member, identity.as_deref()).await
         }
         Command::Prune {
             config,
@@ -101,10 +103,19 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             let cfg = Config::load(&config.config)?;
             prune(&cfg, dry_run, json).await
         }
-        Command::Drill(ConfigArg { config }) => {
-            let cfg = Config::load(&config)?;
+        Command::Keygen { output } => {
+            let recipient = crate::crypt::keygen(&output).map_err(failed)?;
+            println!("{recipient}");
+            eprintln!(
+                "wrote the identity (secret key) to {}; put the public key above into [encryption] recipients and keep the file safe: without it encrypted backups cannot be restored",
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Drill { config, identity } => {
+            let cfg = Config::load(&config.config)?;
             let store = open_store(&cfg)?;
-            let rep = crate::drill::run(&cfg, &store)
+            let rep = crate::drill::run(&cfg, &store, identity.as_deref())
                 .await
                 .map_err(|e| failed(format!("restore drill failed: {e}")))?;
             match (&rep.served_keys, &rep.not_restored) {
@@ -126,6 +137,9 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
         Command::CheckConfig(ConfigArg { config }) => {
             let cfg = Config::load(&config)?;
             print!("{}", cfg.to_redacted_toml());
+            if let Some(w) = crate::config::permission_warning(&config) {
+                eprintln!("warning: {w}");
+            }
             eprintln!("{}: configuration is valid", config.display());
             Ok(())
         }
@@ -514,7 +528,9 @@ async fn verify_backups(
     which: &str,
     all: bool,
     json: bool,
+    identity: Option<&std::path::Path>,
 ) -> Result<(), CommandError> {
+    let identities = crate::crypt::identities_for(&cfg.encryption, identity).map_err(failed)?;
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
     let chosen: Vec<&Manifest> = if all {
@@ -527,7 +543,7 @@ async fn verify_backups(
     let mut bad = 0;
     for m in chosen {
         let dest = tmp.join(format!("{}.db", m.id));
-        let r = fetch::fetch_to_file(&store, m, &dest, None).await;
+        let r = fetch::fetch_to_file(&store, m, &dest, None, identities.as_ref()).await;
         let _ = std::fs::remove_file(&dest);
         match r {
             Ok(rep) => {
@@ -593,7 +609,9 @@ async fn restore(
     which: &str,
     output: &std::path::Path,
     member: Option<RestoreMember>,
+    identity: Option<&std::path::Path>,
 ) -> Result<(), CommandError> {
+    let identities = crate::crypt::identities_for(&cfg.encryption, identity).map_err(failed)?;
     if let Some(RestoreMember { dir: d, .. }) = &member {
         if d.exists() {
             return Err(failed(format!(
@@ -606,7 +624,7 @@ async fn restore(
     let listing = store.list().await.map_err(failed)?;
     let m = fetch::select(&listing, which).map_err(failed)?;
     let progress = crate::progress::Progress::new("download");
-    let rep = fetch::fetch_to_file(&store, m, output, Some(&progress)).await;
+    let rep = fetch::fetch_to_file(&store, m, output, Some(&progress), identities.as_ref()).await;
     progress.finish();
     let rep = rep.map_err(failed)?;
     let out = output.display();

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::election::Term;
 use crate::error::{CycleError, Stage};
 use crate::etcd::Member;
-use crate::manifest::{Manifest, Verification, FORMAT_VERSION};
+use crate::manifest::{Encryption, Manifest, Verification, FORMAT_VERSION};
 use crate::naming::BackupId;
 use crate::pipeline::{self, PipelineError};
 use crate::spool::SpoolFile;
@@ -173,10 +173,18 @@ async fn stages(
             ))
         })?;
 
-    let data_key = input
-        .store
-        .layout()
-        .data_key(&id, cfg.backup.compression.suffix());
+    let recipients = crate::crypt::parse_recipients(&cfg.encryption.recipients)
+        .map_err(|e| snap_err(&format!("[encryption] recipients: {e}")))?;
+    let suffix = format!(
+        "{}{}",
+        cfg.backup.compression.suffix(),
+        if recipients.is_empty() {
+            ""
+        } else {
+            crate::crypt::SUFFIX
+        }
+    );
+    let data_key = input.store.layout().data_key(&id, &suffix);
     let upload = upload_slot.insert(
         input
             .store
@@ -195,7 +203,15 @@ async fn stages(
     let spool_path = spool.path().to_path_buf();
     let (compression, level) = (cfg.backup.compression, cfg.backup.compression_level);
     let worker = tokio::task::spawn_blocking(move || {
-        pipeline::run(raw_rx, spool_file, &spool_path, compression, level, out_tx)
+        pipeline::run(
+            raw_rx,
+            spool_file,
+            &spool_path,
+            compression,
+            level,
+            &recipients,
+            out_tx,
+        )
     });
 
     let read = async move {
@@ -321,6 +337,10 @@ async fn stages(
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         slot: input.slot,
         fencing_token: input.term.map(Term::token),
+        encryption: cfg.encryption.enabled().then(|| Encryption {
+            method: crate::crypt::METHOD_AGE.to_string(),
+            recipients: cfg.encryption.recipients.clone(),
+        }),
     };
     if let Err(e) = fence(input.term, Stage::Commit, "before writing the manifest").await {
         if let Err(de) = input.store.delete(&data_key).await {

@@ -194,6 +194,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         metrics.election_up.set(1);
         (None, None)
     };
+    if let Some(w) = crate::config::permission_warning(&state.config.source) {
+        tracing::warn!("{w}");
+    }
     let removed = spool::clean_stale(&state.config.backup.spool_dir);
     tracing::info!(
         schedule = %state.config.schedule.parsed.as_str(),
@@ -402,7 +405,7 @@ async fn run_drills(
         tracing::info!("starting restore drill");
         let r = tokio::select! {
             () = cancel.cancelled() => return,
-            r = crate::drill::run(&s.config, &s.store) => r,
+            r = crate::drill::run(&s.config, &s.store, None) => r,
         };
         match r {
             Ok(rep) => {

@@ -61,8 +61,13 @@ fn free_port() -> Result<u16, String> {
 ///
 /// # Errors
 /// A message saying which step failed and why.
-pub async fn run(cfg: &Config, store: &BackupStore) -> Result<DrillReport, String> {
+pub async fn run(
+    cfg: &Config,
+    store: &BackupStore,
+    identity: Option<&std::path::Path>,
+) -> Result<DrillReport, String> {
     let started = Instant::now();
+    let identities = crate::crypt::identities_for(&cfg.encryption, identity)?;
     let (_, newest) = store.newest().await.map_err(|e| e.to_string())?;
     let m = newest.ok_or("there is no committed backup to drill")?;
     let dir = cfg
@@ -77,7 +82,7 @@ pub async fn run(cfg: &Config, store: &BackupStore) -> Result<DrillReport, Strin
     })?;
     let _guard = TempDir(dir.clone());
     let file = dir.join("snapshot.db");
-    restore::fetch_to_file(store, &m, &file, None)
+    restore::fetch_to_file(store, &m, &file, None, identities.as_ref())
         .await
         .map_err(|e| e.to_string())?;
 

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod commands;
 pub mod compress;
 pub mod config;
+pub mod crypt;
 pub mod cycle;
 pub mod daemon;
 pub mod digest;

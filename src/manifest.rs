@@ -70,6 +70,19 @@ pub struct Manifest {
     /// with `[election]` on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<i64>,
+    /// Client-side encryption of the stored object, when it is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How a stored object is encrypted: the method and the public keys it was encrypted to
+/// (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// `age`.
+    pub method: String,
+    /// The age recipients (`age1…`); any one of their identities decrypts the backup.
+    pub recipients: Vec<String>,
 }
 
 /// What the verifier found in the snapshot before it was committed.
@@ -146,6 +159,7 @@ pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
         tool_version: "0.1.0".into(),
         slot: None,
         fencing_token: None,
+        encryption: None,
     }
 }
 

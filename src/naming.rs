@@ -3,7 +3,7 @@
 //! Layout (format version 1), under the configured prefix:
 //!
 //! ```text
-//! PREFIX/CLUSTER_NAME/<id>/snapshot.db[.zst|.gz]   the data object
+//! PREFIX/CLUSTER_NAME/<id>/snapshot.db[.zst|.gz][.age]   the data object
 //! PREFIX/CLUSTER_NAME/<id>/manifest.json           the commit marker, written last
 //! ```
 //!
@@ -151,9 +151,11 @@ impl Layout {
         let id: BackupId = id.parse().ok()?;
         match name {
             MANIFEST_NAME => Some(ObjectKind::Manifest(id)),
-            n if [".zst", ".gz", ""]
-                .iter()
-                .any(|s| n.strip_prefix(SNAPSHOT_STEM) == Some(s)) =>
+            n if [".zst", ".gz", ""].iter().any(|s| {
+                let rest = n.strip_prefix(SNAPSHOT_STEM);
+                rest == Some(s)
+                    || rest.and_then(|r| r.strip_suffix(crate::crypt::SUFFIX)) == Some(s)
+            }) =>
             {
                 Some(ObjectKind::Data(id))
             }
@@ -200,11 +202,16 @@ mod tests {
             l.classify(&l.manifest_key(&id)),
             Some(ObjectKind::Manifest(id.clone()))
         );
-        assert_eq!(
-            l.classify(&l.data_key(&id, ".zst")),
-            Some(ObjectKind::Data(id.clone()))
-        );
+        for suffix in [".zst", ".gz", "", ".zst.age", ".gz.age", ".age"] {
+            assert_eq!(
+                l.classify(&l.data_key(&id, suffix)),
+                Some(ObjectKind::Data(id.clone())),
+                "{suffix}"
+            );
+        }
         for foreign in [
+            "etcd/prod/20260102T030405Z-0a1b2c/snapshot.db.age.zst",
+            "etcd/prod/20260102T030405Z-0a1b2c/snapshot.db.zst.age.age",
             "etcd/prod/notes.txt",
             "etcd/prod2/20260102T030405Z-0a1b2c/manifest.json",
             "etcd/prod/20260102T030405Z-0a1b2c/manifest.json.bak",

@@ -5,7 +5,7 @@
 //! etcd stream ──chan──▶ [pipeline thread] ──chan──▶ uploader (multipart parts)
 //!                         ├─ trailer check + sha256 of the raw file
 //!                         ├─ spool file (for the verifier)
-//!                         └─ compressor ─▶ stored sha256 + size
+//!                         └─ compressor ─▶ [age encryption] ─▶ stored sha256 + size
 //! ```
 //!
 //! Channels are bounded, so memory stays flat whatever the database size: at most
@@ -13,6 +13,7 @@
 //! waiting, and the uploader's parts in flight.
 
 use crate::compress::Compression;
+use crate::crypt::Sealer;
 use crate::digest::Sha256;
 use bytes::Bytes;
 use std::io::{self, Write};
@@ -212,6 +213,7 @@ pub fn run(
     spool_path: &std::path::Path,
     compression: Compression,
     level: Option<i32>,
+    recipients: &[age::x25519::Recipient],
     out: mpsc::Sender<Bytes>,
 ) -> Result<PipelineReport, PipelineError> {
     let spool_err = |source| PipelineError::Spool {
@@ -220,8 +222,9 @@ pub fn run(
     };
     let mut spool = io::BufWriter::with_capacity(1024 * 1024, spool);
     let mut check = TrailerCheck::new();
+    let sealer = Sealer::new(ChunkSink::new(out), recipients).map_err(PipelineError::Compress)?;
     let mut enc = compression
-        .encoder(ChunkSink::new(out), level)
+        .encoder(sealer, level)
         .map_err(PipelineError::Compress)?;
     while let Some(chunk) = rx.blocking_recv() {
         check.update(&chunk);
@@ -230,7 +233,8 @@ pub fn run(
     }
     spool.flush().map_err(spool_err)?;
     let raw = check.finish()?;
-    let sink = enc.finish().map_err(PipelineError::Compress)?;
+    let sealer = enc.finish().map_err(PipelineError::Compress)?;
+    let sink = sealer.finish().map_err(PipelineError::Compress)?;
     let (stored_size, stored_sha256) = sink.close().map_err(PipelineError::Compress)?;
     Ok(PipelineReport {
         raw,
@@ -316,8 +320,9 @@ mod tests {
         let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
         let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
         let sp = spool_path.clone();
-        let t =
-            std::thread::spawn(move || run(raw_rx, spool, &sp, Compression::Gzip, None, out_tx));
+        let t = std::thread::spawn(move || {
+            run(raw_rx, spool, &sp, Compression::Gzip, None, &[], out_tx)
+        });
         let feeder = {
             let file = file.clone();
             std::thread::spawn(move || {

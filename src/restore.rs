@@ -2,6 +2,7 @@
 //! the raw snapshot's size and sha256 against the manifest, write it to a file, and run the
 //! verifier on it. Shared by `restore` and `verify`.
 
+use crate::crypt::Identities;
 use crate::digest::Sha256;
 use crate::manifest::Manifest;
 use crate::store::{BackupStore, Listing};
@@ -36,6 +37,14 @@ pub enum RestoreError {
         /// The backup.
         id: String,
         /// What does not match.
+        detail: String,
+    },
+    /// The backup is encrypted and cannot be decrypted with what was given.
+    #[error("backup {id}: {detail}")]
+    Locked {
+        /// The backup.
+        id: String,
+        /// Which recipients it was made for and what to pass.
         detail: String,
     },
     /// The verifier rejected the snapshot.
@@ -90,7 +99,41 @@ pub async fn fetch_to_file(
     m: &Manifest,
     dest: &Path,
     progress: Option<&crate::progress::Progress>,
+    identities: Option<&Identities>,
 ) -> Result<FetchReport, RestoreError> {
+    if let Some(enc) = &m.encryption {
+        let Some(ids) = identities else {
+            return Err(RestoreError::Locked {
+                id: m.id.clone(),
+                detail: format!(
+                    "it is encrypted ({}) to {}; pass --identity FILE (or set [encryption] identity_file) with the secret key of one of them",
+                    enc.method,
+                    enc.recipients.join(", ")
+                ),
+            });
+        };
+        if enc.method != crate::crypt::METHOD_AGE {
+            return Err(RestoreError::Locked {
+                id: m.id.clone(),
+                detail: format!(
+                    "it is encrypted with {:?}, which this version cannot decrypt",
+                    enc.method
+                ),
+            });
+        }
+        let mine = ids.recipients();
+        if !enc.recipients.iter().any(|r| mine.contains(r)) {
+            return Err(RestoreError::Locked {
+                id: m.id.clone(),
+                detail: format!(
+                    "none of the identities in {} ({}) is one it was encrypted to ({}); use the identity file of one of those recipients",
+                    ids.source().display(),
+                    mine.join(", "),
+                    enc.recipients.join(", ")
+                ),
+            });
+        }
+    }
     if let Some(p) = progress {
         p.set_total(m.size);
     }
@@ -134,7 +177,26 @@ pub async fn fetch_to_file(
     };
     let reader =
         tokio::io::BufReader::with_capacity(256 * 1024, tokio_util::io::StreamReader::new(stream));
-    let mut decoder = m.compression.decoder(reader);
+    let plain: Box<dyn tokio::io::AsyncBufRead + Unpin + Send> = match (&m.encryption, identities) {
+        (Some(_), Some(ids)) => {
+            use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+            let locked = |e: age::DecryptError| RestoreError::Locked {
+                id: m.id.clone(),
+                detail: format!(
+                    "cannot decrypt the stored object {} with the identities in {}: {e}",
+                    m.object,
+                    ids.source().display()
+                ),
+            };
+            let d = age::Decryptor::new_async_buffered(reader.compat())
+                .await
+                .map_err(locked)?;
+            let r = d.decrypt_async(ids.as_dyn()).map_err(locked)?;
+            Box::new(tokio::io::BufReader::with_capacity(256 * 1024, r.compat()))
+        }
+        _ => Box::new(reader),
+    };
+    let mut decoder = m.compression.decoder(plain);
     let mut out =
         tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(std_file));
     let mut raw_hash = Sha256::new();

@@ -113,6 +113,35 @@ impl std::fmt::Debug for BackupStore {
     }
 }
 
+/// Server-side encryption and upload checksums (`storage.sse`, `storage.checksum`).
+fn with_server_side_options(
+    mut b: AmazonS3Builder,
+    cfg: &StorageConfig,
+) -> Result<AmazonS3Builder, object_store::Error> {
+    use crate::config::Sse;
+    let key = |k: &str| k.parse::<object_store::aws::AmazonS3ConfigKey>();
+    match &cfg.sse {
+        None => {}
+        Some(Sse::S3) => b = b.with_config(key("aws_server_side_encryption")?, "AES256"),
+        Some(Sse::Kms { key_id }) | Some(Sse::DsseKms { key_id }) => {
+            let kind = if matches!(cfg.sse, Some(Sse::Kms { .. })) {
+                "aws:kms"
+            } else {
+                "aws:kms:dsse"
+            };
+            b = b.with_config(key("aws_server_side_encryption")?, kind);
+            if let Some(id) = key_id {
+                b = b.with_config(key("aws_sse_kms_key_id")?, id);
+            }
+        }
+        Some(Sse::CustomerKey { key }) => b = b.with_ssec_encryption(key.expose()),
+    }
+    if cfg.checksum_sha256 {
+        b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+    }
+    Ok(b)
+}
+
 impl BackupStore {
     /// Builds the store for `cfg`, with objects under `PREFIX/cluster/`.
     ///
@@ -174,6 +203,7 @@ impl BackupStore {
                         b = b.with_token(token.expose());
                     }
                 }
+                b = with_server_side_options(b, cfg).map_err(|e| setup(e.to_string()))?;
                 let s = Arc::new(b.build().map_err(|e| setup(e.to_string()))?);
                 let options = ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(10))
@@ -671,6 +701,8 @@ mod tests {
             secret_access_key: None,
             session_token: None,
             storage_class: None,
+            sse: None,
+            checksum_sha256: false,
         }
     }
 

@@ -583,6 +583,11 @@ fn storage_config_debug_is_redacted() {
         secret_access_key: Some(Secret::new("very-secret-1234")),
         session_token: None,
         storage_class: None,
+        sse: Some(etcd_backup::config::Sse::CustomerKey {
+            key: Secret::new("c2VjcmV0LWN1c3RvbWVyLWtleS0zMi1ieXRlcy1sb25nIQ=="),
+        }),
+        checksum_sha256: false,
     };
     assert!(!format!("{s:?}").contains("very-secret-1234"));
+    assert!(!format!("{s:?}").contains("c2VjcmV0"));
 }

@@ -82,6 +82,8 @@ pub struct Config {
     pub drill: DrillConfig,
     /// `[election]`
     pub election: ElectionConfig,
+    /// `[encryption]`
+    pub encryption: EncryptionConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -136,6 +138,55 @@ pub struct StorageConfig {
     pub session_token: Option<Secret>,
     /// S3 storage class of the uploaded snapshots (e.g. `STANDARD_IA`).
     pub storage_class: Option<String>,
+    /// S3 server-side encryption.
+    pub sse: Option<Sse>,
+    /// Send a SHA-256 checksum with every upload (required by buckets with Object Lock).
+    pub checksum_sha256: bool,
+}
+
+/// S3 server-side encryption (`storage.sse`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Sse {
+    /// SSE-S3 (`AES256`): keys managed by the service.
+    #[serde(rename = "AES256")]
+    S3,
+    /// SSE-KMS (`aws:kms`), with a key id or the bucket's default KMS key.
+    #[serde(rename = "aws:kms")]
+    Kms {
+        /// `storage.sse_kms_key_id`.
+        key_id: Option<String>,
+    },
+    /// DSSE-KMS (`aws:kms:dsse`).
+    #[serde(rename = "aws:kms:dsse")]
+    DsseKms {
+        /// `storage.sse_kms_key_id`.
+        key_id: Option<String>,
+    },
+    /// SSE-C: the service encrypts with a key we send on every request (base64, 256 bit).
+    #[serde(rename = "sse-c")]
+    CustomerKey {
+        /// `storage.sse_customer_key`.
+        key: Secret,
+    },
+}
+
+/// Client-side encryption of the stored objects.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EncryptionConfig {
+    /// age recipients (`age1…`): every backup is encrypted to all of them. Empty: off.
+    pub recipients: Vec<String>,
+    /// Where some of them came from.
+    pub recipients_file: Option<PathBuf>,
+    /// Identity file to decrypt with (verify, restore, drills).
+    pub identity_file: Option<PathBuf>,
+}
+
+impl EncryptionConfig {
+    /// Whether backups are encrypted.
+    pub fn enabled(&self) -> bool {
+        !self.recipients.is_empty()
+    }
 }
 
 /// A parsed `storage.url`.
@@ -326,7 +377,7 @@ mod raw {
         pub metrics: Metrics,
         pub drill: Drill,
         pub election: Election,
-        pub encryption: Option<toml::Value>,
+        pub encryption: Encryption,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -339,6 +390,7 @@ mod raw {
         pub key_file: Option<String>,
         pub username: Option<String>,
         pub password: Option<Secret>,
+        pub password_file: Option<String>,
         pub dial_timeout: Option<String>,
         pub request_timeout: Option<String>,
     }
@@ -352,8 +404,15 @@ mod raw {
         pub path_style: Option<bool>,
         pub access_key_id: Option<String>,
         pub secret_access_key: Option<Secret>,
+        pub secret_access_key_file: Option<String>,
         pub session_token: Option<Secret>,
+        pub session_token_file: Option<String>,
         pub storage_class: Option<String>,
+        pub sse: Option<String>,
+        pub sse_kms_key_id: Option<String>,
+        pub sse_customer_key: Option<Secret>,
+        pub sse_customer_key_file: Option<String>,
+        pub checksum: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -364,6 +423,15 @@ mod raw {
         pub compression_level: Option<i32>,
         pub spool_dir: Option<String>,
         pub timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Encryption {
+        #[serde(deserialize_with = "list_or_csv")]
+        pub recipients: Option<Vec<String>>,
+        pub recipients_file: Option<String>,
+        pub identity_file: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -432,6 +500,65 @@ mod raw {
     }
 }
 
+/// Keys that hold a secret when written into the file itself.
+const SECRET_KEYS: [(&str, &str); 4] = [
+    ("etcd", "password"),
+    ("storage", "secret_access_key"),
+    ("storage", "session_token"),
+    ("storage", "sse_customer_key"),
+];
+
+/// A warning when `path` holds a secret inline and users other than this process's group
+/// may read it (the package installs it `root:etcd-backup 0640`, which is fine). `None` when
+/// all is well or the file cannot be checked.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: toml::Table = text.parse().ok()?;
+    let inline: Vec<String> = SECRET_KEYS
+        .iter()
+        .filter(|(section, key)| doc.get(*section).and_then(|s| s.get(*key)).is_some())
+        .map(|(section, key)| format!("{section}.{key}"))
+        .collect();
+    if inline.is_empty() {
+        return None;
+    }
+    let mode = meta.mode() & 0o777;
+    // /proc/self belongs to this process's effective user and group.
+    let my_gid = std::fs::metadata("/proc/self").map(|m| m.gid()).ok();
+    let who = if mode & 0o004 != 0 {
+        "every user"
+    } else if mode & 0o040 != 0 && Some(meta.gid()) != my_gid {
+        "the members of its group"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} holds secrets ({}) and is readable by {who} (mode {mode:o}); chmod 0640 it (owner root, group etcd-backup), or move the secrets to *_file keys (e.g. storage.secret_access_key_file with systemd LoadCredential=)",
+        path.display(),
+        inline.join(", ")
+    ))
+}
+
+/// Length of the base64 (standard alphabet, padded) `text` once decoded; `None` when it is
+/// not base64.
+fn base64_len(text: &str) -> Option<usize> {
+    let t = text.trim();
+    if t.is_empty() || !t.len().is_multiple_of(4) {
+        return None;
+    }
+    let pad = t.bytes().rev().take_while(|&b| b == b'=').count();
+    if pad > 2
+        || !t[..t.len() - pad]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    {
+        return None;
+    }
+    Some(t.len() / 4 * 3 - pad)
+}
+
 /// Collects problems while converting the raw file.
 struct Problems(Vec<ConfigProblem>);
 
@@ -458,6 +585,44 @@ impl Problems {
                 );
                 Duration::from_secs(1)
             }
+        }
+    }
+}
+
+impl Problems {
+    /// A secret given inline (`key`) or in a file (`key_file`, for systemd's
+    /// `LoadCredential=`): not both; the file's content without its trailing newline.
+    fn secret(
+        &mut self,
+        key: &str,
+        inline: Option<Secret>,
+        file: Option<String>,
+    ) -> Option<Secret> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.push(key, format!("set either {key} or {key}_file, not both"));
+                None
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    if text.is_empty() {
+                        self.push(&format!("{key}_file"), format!("{path} is empty"));
+                        None
+                    } else {
+                        Some(Secret::new(text))
+                    }
+                }
+                Err(e) => {
+                    self.push(
+                        &format!("{key}_file"),
+                        format!("cannot read {path}: {e}; check the path and that this user may read it"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
         }
     }
 }
@@ -514,18 +679,6 @@ impl Config {
 
     fn from_raw(raw: raw::Raw, path: &Path) -> Result<Config, ConfigError> {
         let mut p = Problems(Vec::new());
-        for (name, present) in [("encryption", raw.encryption.is_some())] {
-            if present {
-                p.push(
-                    name,
-                    format!(
-                        "the [{name}] section is not supported by etcd-backup {}; remove it",
-                        env!("CARGO_PKG_VERSION")
-                    ),
-                );
-            }
-        }
-
         let etcd = Self::etcd_from_raw(raw.etcd, &mut p);
         let storage = Self::storage_from_raw(raw.storage, &mut p);
         let backup = Self::backup_from_raw(raw.backup, &mut p);
@@ -534,6 +687,7 @@ impl Config {
         let metrics = Self::metrics_from_raw(raw.metrics, &mut p);
         let drill = Self::drill_from_raw(raw.drill, schedule.timezone, &mut p);
         let election = Self::election_from_raw(raw.election, &mut p);
+        let encryption = Self::encryption_from_raw(raw.encryption, &mut p);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -545,6 +699,7 @@ impl Config {
                 metrics,
                 drill,
                 election,
+                encryption,
                 source: path.to_path_buf(),
             })
         } else {
@@ -602,17 +757,18 @@ impl Config {
         } else {
             None
         };
-        if r.password.is_some() && r.username.is_none() {
+        let password = p.secret("etcd.password", r.password, r.password_file);
+        if password.is_some() && r.username.is_none() {
             p.push("etcd.password", "is set but etcd.username is not");
         }
-        if r.username.is_some() && r.password.is_none() {
+        if r.username.is_some() && password.is_none() {
             p.push("etcd.username", "is set but etcd.password is not");
         }
         EtcdConfig {
             endpoints,
             tls,
             username: r.username,
-            password: r.password,
+            password,
             dial_timeout: p.duration("etcd.dial_timeout", r.dial_timeout.as_deref(), "5s"),
             request_timeout: p.duration(
                 "etcd.request_timeout",
@@ -644,7 +800,40 @@ impl Config {
                 ),
             }
         }
-        if r.access_key_id.is_some() != r.secret_access_key.is_some() {
+        let secret_access_key = p.secret(
+            "storage.secret_access_key",
+            r.secret_access_key,
+            r.secret_access_key_file,
+        );
+        let session_token = p.secret(
+            "storage.session_token",
+            r.session_token,
+            r.session_token_file,
+        );
+        let sse_customer_key = p.secret(
+            "storage.sse_customer_key",
+            r.sse_customer_key,
+            r.sse_customer_key_file,
+        );
+        let sse = Self::sse_from_raw(r.sse.as_deref(), r.sse_kms_key_id, sse_customer_key, p);
+        let checksum_sha256 = match r.checksum.as_deref().unwrap_or("none") {
+            "sha256" => true,
+            "none" => false,
+            other => {
+                p.push(
+                    "storage.checksum",
+                    format!("{other:?} is not supported; use \"sha256\" (needed for Object Lock buckets) or \"none\""),
+                );
+                false
+            }
+        };
+        if checksum_sha256 && matches!(sse, Some(Sse::CustomerKey { .. })) {
+            p.push(
+                "storage.checksum",
+                "\"sha256\" cannot be combined with storage.sse = \"sse-c\": S3 then needs the customer key on the request that completes a multipart upload, which the S3 client does not send; for Object Lock buckets use SSE-S3/SSE-KMS, or [encryption] (client-side)",
+            );
+        }
+        if r.access_key_id.is_some() != secret_access_key.is_some() {
             p.push(
                 "storage.access_key_id",
                 "access_key_id and secret_access_key must be set together (or neither, to use AWS_* variables or the instance profile)",
@@ -655,6 +844,8 @@ impl Config {
                 ("storage.endpoint", r.endpoint.is_some()),
                 ("storage.access_key_id", r.access_key_id.is_some()),
                 ("storage.storage_class", r.storage_class.is_some()),
+                ("storage.sse", sse.is_some()),
+                ("storage.checksum", checksum_sha256),
             ] {
                 if set {
                     p.push(
@@ -681,9 +872,11 @@ impl Config {
             path_style,
             endpoint: r.endpoint,
             access_key_id: r.access_key_id,
-            secret_access_key: r.secret_access_key,
-            session_token: r.session_token,
+            secret_access_key,
+            session_token,
             storage_class: r.storage_class,
+            sse,
+            checksum_sha256,
         }
     }
 
@@ -725,6 +918,103 @@ impl Config {
             compression_level: r.compression_level,
             spool_dir,
             timeout: p.duration("backup.timeout", r.timeout.as_deref(), "30m"),
+        }
+    }
+
+    fn sse_from_raw(
+        kind: Option<&str>,
+        kms_key_id: Option<String>,
+        customer_key: Option<Secret>,
+        p: &mut Problems,
+    ) -> Option<Sse> {
+        let sse = match kind {
+            None | Some("none") => None,
+            Some("AES256" | "aes256" | "sse-s3") => Some(Sse::S3),
+            Some("aws:kms" | "sse-kms") => Some(Sse::Kms {
+                key_id: kms_key_id.clone(),
+            }),
+            Some("aws:kms:dsse" | "dsse-kms") => Some(Sse::DsseKms {
+                key_id: kms_key_id.clone(),
+            }),
+            Some("sse-c" | "SSE-C") => match &customer_key {
+                Some(k) => Some(Sse::CustomerKey { key: k.clone() }),
+                None => {
+                    p.push("storage.sse", "\"sse-c\" needs storage.sse_customer_key (or sse_customer_key_file): a base64-encoded 256-bit key, e.g. from `openssl rand -base64 32`");
+                    None
+                }
+            },
+            Some(other) => {
+                p.push(
+                    "storage.sse",
+                    format!("{other:?} is not a server-side encryption; use \"AES256\" (SSE-S3), \"aws:kms\", \"aws:kms:dsse\" or \"sse-c\""),
+                );
+                None
+            }
+        };
+        if kms_key_id.is_some() && !matches!(sse, Some(Sse::Kms { .. } | Sse::DsseKms { .. })) {
+            p.push(
+                "storage.sse_kms_key_id",
+                "only applies with storage.sse = \"aws:kms\" or \"aws:kms:dsse\"",
+            );
+        }
+        if let Some(k) = &customer_key {
+            if !matches!(sse, Some(Sse::CustomerKey { .. })) && kind.is_some() {
+                p.push(
+                    "storage.sse_customer_key",
+                    "only applies with storage.sse = \"sse-c\"",
+                );
+            } else if kind.is_none() {
+                p.push(
+                    "storage.sse_customer_key",
+                    "is set but storage.sse is not; set storage.sse = \"sse-c\"",
+                );
+            }
+            let decoded = base64_len(k.expose());
+            if decoded != Some(32) {
+                p.push(
+                    "storage.sse_customer_key",
+                    "must be a base64-encoded 256-bit (32-byte) key, e.g. from `openssl rand -base64 32` (the value is not shown)",
+                );
+            }
+        }
+        sse
+    }
+
+    fn encryption_from_raw(r: raw::Encryption, p: &mut Problems) -> EncryptionConfig {
+        let mut recipients = r.recipients.unwrap_or_default();
+        let recipients_file = r.recipients_file.map(PathBuf::from);
+        if let Some(f) = &recipients_file {
+            match crate::crypt::read_recipients_file(f) {
+                Ok(more) if more.is_empty() => p.push(
+                    "encryption.recipients_file",
+                    format!("{} lists no recipient", f.display()),
+                ),
+                Ok(more) => recipients.extend(more),
+                Err(e) => p.push("encryption.recipients_file", e),
+            }
+        }
+        for r in &recipients {
+            if r.starts_with("AGE-SECRET-KEY") {
+                p.push(
+                    "encryption.recipients",
+                    "holds a secret key (AGE-SECRET-KEY-…); list public keys (age1…) here and keep the identity in identity_file (the value is not shown)",
+                );
+            } else if let Err(e) = crate::crypt::parse_recipient(r) {
+                p.push("encryption.recipients", e);
+            }
+        }
+        recipients.sort();
+        recipients.dedup();
+        let identity_file = r.identity_file.map(PathBuf::from);
+        if let Some(f) = &identity_file {
+            if !f.is_absolute() {
+                p.push("encryption.identity_file", "must be an absolute path");
+            }
+        }
+        EncryptionConfig {
+            recipients,
+            recipients_file,
+            identity_file,
         }
     }
 
@@ -886,6 +1176,7 @@ impl Config {
             metrics: &'a MetricsConfig,
             drill: &'a DrillConfig,
             election: &'a ElectionConfig,
+            encryption: &'a EncryptionConfig,
         }
         #[derive(Serialize)]
         struct EtcdView<'a> {
@@ -918,6 +1209,9 @@ impl Config {
             session_token: Option<&'a Secret>,
             #[serde(skip_serializing_if = "Option::is_none")]
             storage_class: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sse: Option<&'a Sse>,
+            checksum: &'a str,
         }
         let tls = self.etcd.tls.as_ref();
         let view = View {
@@ -940,6 +1234,12 @@ impl Config {
                 secret_access_key: self.storage.secret_access_key.as_ref(),
                 session_token: self.storage.session_token.as_ref(),
                 storage_class: self.storage.storage_class.as_deref(),
+                sse: self.storage.sse.as_ref(),
+                checksum: if self.storage.checksum_sha256 {
+                    "sha256"
+                } else {
+                    "none"
+                },
             },
             backup: &self.backup,
             schedule: &self.schedule,
@@ -947,6 +1247,7 @@ impl Config {
             metrics: &self.metrics,
             drill: &self.drill,
             election: &self.election,
+            encryption: &self.encryption,
         };
         toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
@@ -1019,6 +1320,63 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_without_their_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s3-secret");
+        std::fs::write(&f, "s3cr3t-value\n").unwrap();
+        let c = load_str(
+            &format!(
+                "[storage]\nurl = \"s3://b\"\naccess_key_id = \"id\"\nsecret_access_key_file = \"{}\"\n",
+                f.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage.secret_access_key.as_ref().map(Secret::expose),
+            Some("s3cr3t-value")
+        );
+        assert!(!c.to_redacted_toml().contains("s3cr3t-value"));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let err = load_str(
+            &format!(
+                "[etcd]\nusername = \"u\"\npassword_file = \"{}\"\n",
+                empty.display()
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("etcd.password_file"), "{err}");
+    }
+
+    #[test]
+    fn config_files_with_secrets_readable_by_others_are_flagged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let set = |mode: u32, text: &str| {
+            std::fs::write(&f, text).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let secret = "[storage]\nurl = \"s3://b\"\naccess_key_id = \"i\"\nsecret_access_key = \"zzz-secret\"\n";
+        set(0o644, secret);
+        let w = permission_warning(&f).unwrap();
+        assert!(
+            w.contains("storage.secret_access_key") && w.contains("every user"),
+            "{w}"
+        );
+        assert!(!w.contains("zzz-secret"), "{w}");
+        set(0o600, secret);
+        assert_eq!(permission_warning(&f), None);
+        // Group-readable by this process's own group (the packaged root:etcd-backup 0640).
+        set(0o640, secret);
+        assert_eq!(permission_warning(&f), None);
+        set(0o644, "[storage]\nurl = \"s3://b\"\n");
+        assert_eq!(permission_warning(&f), None);
+    }
+
+    #[test]
     fn defaults_fill_an_empty_file() {
         let c = load_str("", &[]).unwrap();
         assert_eq!(c.etcd.endpoints, vec!["https://127.0.0.1:2379"]);
@@ -1079,7 +1437,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let err = load_str(
-            "[etcd]\nendpoints = [\"ftp://x\"]\ndial_timeout = \"soon\"\n[backup]\ncompression = \"lz4\"\ncluster_name = \"a/b\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[retention]\nmin_keep = 0\n[election]\nlease_ttl = \"1500ms\"\n[encryption]\nx = 1\n",
+            "[etcd]\nendpoints = [\"ftp://x\"]\ndial_timeout = \"soon\"\n[backup]\ncompression = \"lz4\"\ncluster_name = \"a/b\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[retention]\nmin_keep = 0\n[election]\nlease_ttl = \"1500ms\"\n[encryption]\nrecipients = [\"age1nope\"]\n",
             &[],
         )
         .unwrap_err();
@@ -1093,7 +1451,7 @@ mod tests {
             "schedule.timezone",
             "retention.min_keep",
             "election.lease_ttl",
-            "encryption",
+            "encryption.recipients",
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
