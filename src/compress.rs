@@ -75,7 +75,14 @@ impl Compression {
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(sink, level)?;
                 e.include_checksum(true)?;
-                e.multithread(zstd_workers())?;
+                let workers = zstd_workers();
+                // One worker would only add a thread and its job buffers (tens of MiB): with
+                // one, compress on the pipeline thread, which keeps up with the stream.
+                if workers > 1 {
+                    e.multithread(workers)?;
+                    // Small jobs bound the buffers zstd keeps per worker.
+                    e.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
+                }
                 Encoder::Zstd(e)
             }
             Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
@@ -98,6 +105,9 @@ impl Compression {
         }
     }
 }
+
+/// Bytes of input per zstd job when compressing on several threads.
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 /// zstd worker threads: compression overlaps with the snapshot stream, but leaves a core
 /// for etcd itself, which runs on the same node.

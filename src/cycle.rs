@@ -27,6 +27,7 @@ use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
 use crate::verify::{self, VerifyOptions};
 use chrono::{DateTime, Utc};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -100,14 +101,17 @@ async fn term_lost(term: Option<&Term>) {
 /// [`CycleError`] naming the stage that failed; nothing is left in the store or the spool.
 pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
     let mut upload: Option<Upload> = None;
-    let timeout = input.config.backup.timeout;
+    let started = tokio::time::Instant::now();
+    // The limit grows with the database once its size is known (see backup.timeout_per_gib).
+    let db_size = AtomicU64::new(0);
+    let mut timeout = input.config.backup.timeout;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     // The work future borrows `upload`; it is dropped at the end of this block so the
     // upload can be aborted below.
-    let result = {
-        let work = stages(&input, &mut upload);
+    let mut result = {
+        let work = stages(&input, &mut upload, &db_size);
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -119,11 +123,20 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
                 )),
                 () = &mut deadline => break Err(CycleError::new(
                     Stage::Snapshot,
-                    format!("the cycle did not finish within backup.timeout ({}); raise it for large databases or slow links", humantime::format_duration(timeout)),
+                    format!(
+                        "the cycle did not finish within {} (backup.timeout plus backup.timeout_per_gib for a {} database); raise them for slow links",
+                        humantime::format_duration(Duration::from_secs(timeout.as_secs())),
+                        crate::commands::human_bytes(db_size.load(Ordering::Relaxed)),
+                    ),
                 )),
                 _ = beat.tick() => {
                     if let Some(h) = input.heartbeat {
                         h.beat();
+                    }
+                    let scaled = input.config.backup.cycle_timeout(db_size.load(Ordering::Relaxed));
+                    if scaled != timeout {
+                        timeout = scaled;
+                        deadline.as_mut().reset(started + timeout);
                     }
                 }
             }
@@ -134,7 +147,10 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
         match up.abort().await {
             Ok(()) => tracing::info!(key = %key, "aborted the incomplete upload"),
             Err(e) => {
-                tracing::warn!(error = %e, "could not abort the incomplete upload; it will be cleaned up by the store's lifecycle or the next prune")
+                tracing::warn!(error = %e, key = %key, "could not abort the incomplete upload; the daemon retries after its next cycle, and prune aborts stale ones");
+                if let Err(ce) = &mut result {
+                    ce.unaborted_upload = Some(key);
+                }
             }
         }
     }
@@ -144,6 +160,7 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
 async fn stages(
     input: &CycleInput<'_>,
     upload_slot: &mut Option<Upload>,
+    db_size: &AtomicU64,
 ) -> Result<CycleReport, CycleError> {
     let cfg = input.config;
     let started_at = Utc::now();
@@ -164,6 +181,15 @@ async fn stages(
         "connected to etcd"
     );
 
+    db_size.store(
+        u64::try_from(status.db_size).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    crate::spool::ensure_space(
+        &cfg.backup.spool_dir,
+        u64::try_from(status.db_size).unwrap_or(0),
+    )
+    .map_err(|e| snap_err(&e))?;
     fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {

@@ -36,6 +36,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// A slot whose time passed by more than this (a suspend, a cycle that overran) is skipped.
 const LATE_TOLERANCE: chrono::Duration = chrono::Duration::seconds(60);
 
+/// How often a catch-up check that could not list the store is tried again.
+const CATCH_UP_RECHECK: Duration = Duration::from_secs(10);
+
 /// Time allowed for the tasks to finish after shutdown was requested.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -217,6 +220,12 @@ pub async fn run(config: Config) -> Result<(), String> {
     // start) checks whether the last scheduled slot was missed.
     let mut seen_term: Option<Arc<Term>> = None;
     let mut catch_up = roles.is_none();
+    let mut catch_up_checked: Option<std::time::Instant> = None;
+    // A failed slot is tried once more after `[backup] retry_after`: (when, slot).
+    let mut retry: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+    let mut retried: Option<DateTime<Utc>> = None;
+    // Uploads of failed cycles that could not be aborted (the store was unreachable).
+    let mut leftovers: Vec<String> = Vec::new();
     systemd::ready(&status_line(&last_result, slot));
     while !cancel.is_cancelled() {
         heartbeat.beat();
@@ -233,22 +242,46 @@ pub async fn run(config: Config) -> Result<(), String> {
                 };
                 if new_term {
                     catch_up = true;
+                    if let Some(t) = &term {
+                        abort_uploads_before(&state.store, t.since()).await;
+                    }
                 }
                 seen_term.clone_from(&term);
                 term
             }
         };
         let may_run = roles.is_none() || term.is_some();
+        if !may_run {
+            retry = None;
+        }
         let mut run_for = None;
-        if may_run && catch_up {
-            catch_up = false;
-            run_for = missed_slot(&state, Utc::now()).await;
-            if let Some(missed) = run_for {
-                tracing::info!(slot = %missed, "the last scheduled backup was missed (no committed backup since that slot); running it now, once");
+        if let Some((when, failed_slot)) = retry {
+            if Utc::now() >= when {
+                retry = None;
+                retried = Some(failed_slot);
+                tracing::info!(slot = %failed_slot, "retrying the failed backup (backup.retry_after)");
+                run_for = Some(failed_slot);
+            }
+        }
+        let recheck_due = catch_up_checked.is_none_or(|t| t.elapsed() >= CATCH_UP_RECHECK);
+        if run_for.is_none() && may_run && catch_up && recheck_due {
+            catch_up_checked = Some(std::time::Instant::now());
+            match missed_slot(&state, Utc::now()).await {
+                Ok(missed) => {
+                    catch_up = false;
+                    catch_up_checked = None;
+                    run_for = missed;
+                    if let Some(missed) = run_for {
+                        tracing::info!(slot = %missed, "the last scheduled backup was missed (no committed backup since that slot); running it now, once");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the store to check for a missed backup; checking again shortly");
+                }
             }
         }
         if run_for.is_none() {
-            let wait = match slot {
+            let mut wait = match slot {
                 None => {
                     tracing::error!(schedule = %state.config.schedule.cron, "the schedule has no future run; waiting for a reload (SIGHUP) with a new schedule");
                     Some(max_sleep)
@@ -268,6 +301,13 @@ pub async fn run(config: Config) -> Result<(), String> {
                     SlotDecision::Run => None,
                 },
             };
+            if let (Some(w), Some((when, _))) = (wait, retry) {
+                let until = (when - Utc::now()).to_std().unwrap_or_default();
+                wait = Some(w.min(until));
+            }
+            if catch_up && may_run {
+                wait = wait.map(|w| w.min(CATCH_UP_RECHECK));
+            }
             if let Some(d) = wait {
                 tokio::select! {
                     () = cancel.cancelled() => break,
@@ -289,6 +329,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
 
         let Some(at) = run_for else { continue };
+        // A scheduled (or retried) cycle makes a pending catch-up moot.
+        catch_up = false;
+        catch_up_checked = None;
         tracing::info!(slot = %at, "starting scheduled backup");
         systemd::status(&format!("backing up (slot {at}); last: {last_result}"));
         metrics
@@ -309,6 +352,11 @@ pub async fn run(config: Config) -> Result<(), String> {
         })
         .await;
         let fenced = matches!(&r, Err(e) if e.fenced);
+        if let Err(e) = &r {
+            if let Some(k) = &e.unaborted_upload {
+                leftovers.push(k.clone());
+            }
+        }
         if !cancel.is_cancelled() && !fenced {
             metrics.observe_cycle(&r);
         }
@@ -335,7 +383,17 @@ pub async fn run(config: Config) -> Result<(), String> {
                     e.stage,
                     Utc::now().format("%Y-%m-%d %H:%M:%SZ")
                 );
+                retry = plan_retry(&state.config, at, retried, Utc::now());
+                if let Some((when, _)) = retry {
+                    tracing::info!(at = %when, "the failed backup is retried once before the next slot (backup.retry_after)");
+                }
             }
+        }
+        if r.is_ok() {
+            retry = None;
+        }
+        if !leftovers.is_empty() && !cancel.is_cancelled() {
+            clean_leftovers(&cycle_state.store, &mut leftovers).await;
         }
         let now = Utc::now();
         let missed = slots_between(&state.config.schedule.parsed, at, now);
@@ -541,6 +599,64 @@ fn status_line(last: &str, next: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// When to retry a failed cycle for `slot`: once, `[backup] retry_after` later, if that is
+/// before the next slot.
+fn plan_retry(
+    config: &Config,
+    slot: DateTime<Utc>,
+    retried: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let after = config.backup.retry_after?;
+    if retried == Some(slot) {
+        return None;
+    }
+    let when = now + chrono::Duration::from_std(after).ok()?;
+    match config.schedule.parsed.next_after(now) {
+        Some(next) if when >= next => None,
+        _ => Some((when, slot)),
+    }
+}
+
+/// A new leader aborts the incomplete uploads started before its term: they belong to
+/// earlier leaders, which can no longer commit them (a killed process cannot abort its own).
+async fn abort_uploads_before(store: &BackupStore, since: DateTime<Utc>) {
+    match store.pending_uploads().await {
+        Ok(ups) => {
+            for up in ups.iter().filter(|u| u.initiated < since) {
+                match store.abort_pending(up).await {
+                    Ok(()) => {
+                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader")
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %up.key, error = %e, "cannot abort an incomplete upload of an earlier leader; prune retries")
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list incomplete uploads of earlier leaders; prune retries")
+        }
+    }
+}
+
+/// Aborts the multipart uploads failed cycles could not abort; keeps those that still fail.
+async fn clean_leftovers(store: &BackupStore, leftovers: &mut Vec<String>) {
+    let mut still = Vec::new();
+    for key in leftovers.drain(..) {
+        match store.abort_uploads_of(&key).await {
+            Ok(n) => {
+                tracing::info!(key = %key, aborted = n, "cleaned up the incomplete upload of an earlier failed cycle")
+            }
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "the incomplete upload cannot be aborted yet");
+                still.push(key);
+            }
+        }
+    }
+    *leftovers = still;
+}
+
 /// Updates the leadership metrics for `role`; `previous` is the term seen before.
 fn observe_role(
     metrics: &Metrics,
@@ -577,16 +693,21 @@ async fn role_changed(roles: &mut Option<watch::Receiver<Role>>) {
 
 /// The last scheduled slot at or before `now` when no committed backup was taken for it or
 /// after it: a new leader (or a restarted daemon) runs that slot once.
-async fn missed_slot(state: &State, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let prev = state.config.schedule.parsed.previous_at_or_before(now)?;
-    match state.store.newest().await {
-        Ok((_, Some(m))) if m.slot.unwrap_or(m.time) >= prev => None,
-        Ok(_) => Some(prev),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the store to check for a missed backup; waiting for the next slot");
-            None
-        }
-    }
+///
+/// # Errors
+/// When the store cannot be listed: whether the slot was missed is unknown, and the caller
+/// checks again (running it anyway could back up a slot twice).
+async fn missed_slot(
+    state: &State,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, crate::store::StoreError> {
+    let Some(prev) = state.config.schedule.parsed.previous_at_or_before(now) else {
+        return Ok(None);
+    };
+    Ok(match state.store.newest().await? {
+        (_, Some(m)) if m.slot.unwrap_or(m.time) >= prev => None,
+        _ => Some(prev),
+    })
 }
 
 /// Applies retention after a successful backup. Failures are logged and counted; they

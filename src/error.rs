@@ -47,6 +47,9 @@ pub struct CycleError {
     /// The cycle was stopped because this node lost the leadership (not a failure of the
     /// backup path: the new leader takes the backup).
     pub fenced: bool,
+    /// Key of a multipart upload that could not be aborted (the store was unreachable); the
+    /// daemon aborts it later.
+    pub unaborted_upload: Option<String>,
 }
 
 impl CycleError {
@@ -56,6 +59,7 @@ impl CycleError {
             stage,
             message: message.to_string(),
             fenced: false,
+            unaborted_upload: None,
         }
     }
 
@@ -65,6 +69,7 @@ impl CycleError {
             stage,
             message: message.to_string(),
             fenced: true,
+            unaborted_upload: None,
         }
     }
 }

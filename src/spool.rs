@@ -51,6 +51,42 @@ impl Drop for SpoolFile {
     }
 }
 
+/// Free bytes for an unprivileged user on the filesystem of `dir`.
+///
+/// # Errors
+/// When the filesystem cannot be queried.
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Creates `dir` if needed and checks it has room for a snapshot of `db_size` bytes (plus
+/// 5 % and 16 MiB of headroom).
+///
+/// # Errors
+/// A message saying how much is free, how much is needed and what to do.
+pub fn ensure_space(dir: &Path, db_size: u64) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        format!(
+            "cannot create backup.spool_dir {}: {e}; check the path and that this user may write there",
+            dir.display()
+        )
+    })?;
+    let needed = db_size + db_size / 20 + (16 << 20);
+    let free = free_space(dir)
+        .map_err(|e| format!("cannot check the free space of {}: {e}", dir.display()))?;
+    if free < needed {
+        return Err(format!(
+            "backup.spool_dir {} has {} free, but the snapshot needs about {} (the etcd database is {}); free some space, point backup.spool_dir at a larger filesystem, or defragment etcd",
+            dir.display(),
+            crate::commands::human_bytes(free),
+            crate::commands::human_bytes(needed),
+            crate::commands::human_bytes(db_size)
+        ));
+    }
+    Ok(())
+}
+
 /// Removes spool files left by processes that no longer run. Returns how many were removed.
 pub fn clean_stale(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -178,14 +178,14 @@ impl BackupStore {
                     .with_region(&cfg.region)
                     .with_virtual_hosted_style_request(!cfg.path_style)
                     .with_retry(RetryConfig {
-                        max_retries: 5,
-                        retry_timeout: Duration::from_secs(180),
+                        max_retries: cfg.requests.max_retries as usize,
+                        retry_timeout: cfg.requests.retry_timeout,
                         ..RetryConfig::default()
                     })
                     .with_client_options(
                         ClientOptions::new()
-                            .with_connect_timeout(Duration::from_secs(10))
-                            .with_timeout(Duration::from_secs(300))
+                            .with_connect_timeout(cfg.requests.connect_timeout)
+                            .with_timeout(cfg.requests.request_timeout)
                             .with_allow_http(
                                 cfg.endpoint
                                     .as_deref()
@@ -206,8 +206,8 @@ impl BackupStore {
                 b = with_server_side_options(b, cfg).map_err(|e| setup(e.to_string()))?;
                 let s = Arc::new(b.build().map_err(|e| setup(e.to_string()))?);
                 let options = ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(10))
-                    .with_timeout(Duration::from_secs(60))
+                    .with_connect_timeout(cfg.requests.connect_timeout)
+                    .with_timeout(cfg.requests.request_timeout.min(Duration::from_secs(60)))
                     .with_allow_http(
                         cfg.endpoint
                             .as_deref()
@@ -431,6 +431,23 @@ impl BackupStore {
             }
         }
         Ok(out)
+    }
+
+    /// Aborts every incomplete multipart upload of `key` (left behind when aborting a
+    /// failed cycle's upload failed too, e.g. while the store was unreachable); returns how
+    /// many were aborted.
+    ///
+    /// # Errors
+    /// [`StoreError`] when listing or aborting fails.
+    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for up in self.pending_uploads().await? {
+            if up.key == key {
+                self.abort_pending(&up).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Aborts an incomplete multipart upload found by [`BackupStore::pending_uploads`].
@@ -703,6 +720,7 @@ mod tests {
             storage_class: None,
             sse: None,
             checksum_sha256: false,
+            requests: Default::default(),
         }
     }
 

@@ -18,31 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
 use support::garage::garage;
+use support::text;
 use tokio::io::AsyncReadExt;
 
-/// Runs the binary with a clean environment (no inherited ETCD_BACKUP_* or AWS_* values).
 fn etcd_backup(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run etcd-backup")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit: {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    let mut env = env.to_vec();
+    env.push(("RUST_LOG", "info"));
+    support::etcd_backup(args, &env)
 }
 
 /// A scratch directory with a config file and a spool directory.
@@ -587,6 +569,7 @@ fn storage_config_debug_is_redacted() {
             key: Secret::new("c2VjcmV0LWN1c3RvbWVyLWtleS0zMi1ieXRlcy1sb25nIQ=="),
         }),
         checksum_sha256: false,
+        requests: Default::default(),
     };
     assert!(!format!("{s:?}").contains("very-secret-1234"));
     assert!(!format!("{s:?}").contains("c2VjcmV0"));

@@ -173,38 +173,11 @@ fn notify_protocol_reload_and_stop() {
     );
 }
 
-/// Loads ~150 MB so that a cycle takes long enough to be interrupted.
-async fn load_big(endpoint: &str) {
-    let c = etcd_client::Client::connect([endpoint], None)
-        .await
-        .unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..4u32 {
-        let mut kv = c.kv_client();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..150u32 {
-                let ops = (0..16u32)
-                    .map(|j| {
-                        let v: String = (0..16_000u32)
-                            .map(|k| (b'a' + ((k * 7 + i * 13 + j + t) % 26) as u8) as char)
-                            .collect();
-                        etcd_client::TxnOp::put(format!("/big/{t}/{i}/{j}"), v, None)
-                    })
-                    .collect::<Vec<_>>();
-                kv.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_upload_leaves_no_manifest_and_no_incomplete_upload() {
     let bins = EtcdBins::get(EtcdVersion::V3_5_1);
     let cluster = EtcdCluster::start(&bins, 1);
-    load_big(&cluster.client_url(0)).await;
+    support::load_values(&cluster.client_url(0), 150, false).await;
     let g = garage();
     let bucket = g.create_bucket("sigterm");
     let dir = tempfile::tempdir().unwrap();

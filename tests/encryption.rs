@@ -11,28 +11,13 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 use support::garage::garage;
+use support::text;
 
 /// A value written to etcd that must never appear in an encrypted stored object.
 const MARKER: &str = "plaintext-marker-5f1c2e9a-must-not-be-stored";
 
 fn etcd_backup(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n{}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    support::etcd_backup(args, &[])
 }
 
 fn ok(o: Output) -> Output {

@@ -129,8 +129,9 @@ fn a_live_scrape_is_clean_and_reports_the_cluster_on_every_node() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (p1, p2) = (support::free_port(), support::free_port());
-    // Node 1 backs up every 2 seconds; node 2's schedule does not fire during the test:
-    // it must still report node 1's backups, read from the store.
+    // Node 1 starts first, leads the election and backs up every 2 seconds; node 2 follows
+    // (and its schedule would not fire anyway): it must still report node 1's backups, read
+    // from the store.
     let c1 = write_config(
         dir.path(),
         "n1.toml",
@@ -146,13 +147,12 @@ fn a_live_scrape_is_clean_and_reports_the_cluster_on_every_node() {
         "0 0 1 1 *",
     );
     let d1 = Daemon::start(&c1, p1);
-    let d2 = Daemon::start(&c2, p2);
-
     support::wait_until("a committed backup", Duration::from_secs(30), || {
         d1.metric("etcd_backup_cycles_total{result=\"success\"}")
             .unwrap_or(0.0)
             >= 1.0
     });
+    let d2 = Daemon::start(&c2, p2);
     support::wait_until("node 2 to see the backup", Duration::from_secs(15), || {
         d2.metric("etcd_backup_last_success_timestamp_seconds")
             .unwrap_or(0.0)
@@ -160,28 +160,36 @@ fn a_live_scrape_is_clean_and_reports_the_cluster_on_every_node() {
     });
 
     // Values match reality: the manifest's sizes, etcd's own DB size.
-    let listed = Command::new(env!("CARGO_BIN_EXE_etcd-backup"))
-        .args(["list", "--json", "--config", c1.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let backups: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
-    assert!(!backups.is_empty());
+    let list = || -> Vec<serde_json::Value> {
+        let listed = Command::new(env!("CARGO_BIN_EXE_etcd-backup"))
+            .args(["list", "--json", "--config", c1.to_str().unwrap()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&listed.stdout).unwrap()
+    };
+    assert!(!list().is_empty());
     let status = cluster.etcdctl(0, &["endpoint", "status", "-w", "json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let etcd_db_size = status[0]["Status"]["dbSize"].as_f64().unwrap();
     support::wait_until("the DB size metric", Duration::from_secs(10), || {
         d1.metric("etcd_backup_db_size_bytes") == Some(etcd_db_size)
     });
-    let snap = d1.metric("etcd_backup_snapshot_size_bytes").unwrap();
-    let stored = d1.metric("etcd_backup_stored_size_bytes").unwrap();
-    assert!(
-        backups
-            .iter()
-            .any(|b| b["size"].as_f64() == Some(snap) && b["stored_size"].as_f64() == Some(stored)),
-        "sizes {snap}/{stored} match no manifest: {backups:?}"
+    // (Each backup differs a little: the election's lease renewals change the database; the
+    // metrics are read first, then the store, so the backup they describe is listed.)
+    support::wait_until(
+        "the size metrics to describe a listed backup",
+        Duration::from_secs(10),
+        || {
+            let snap = d1.metric("etcd_backup_snapshot_size_bytes");
+            let stored = d1.metric("etcd_backup_stored_size_bytes");
+            list()
+                .iter()
+                .any(|b| b["size"].as_f64() == snap && b["stored_size"].as_f64() == stored)
+        },
     );
     assert_eq!(d1.metric("etcd_backup_etcd_up"), Some(1.0));
     assert_eq!(d1.metric("etcd_backup_is_leader"), Some(1.0));
+    assert_eq!(d2.metric("etcd_backup_is_leader"), Some(0.0));
     assert!(d1.metric("etcd_backup_schedule_interval_seconds") == Some(2.0));
 
     // The age is small and grows between scrapes when nothing new is committed (node 2).

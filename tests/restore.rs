@@ -7,35 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 use support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
+use support::text;
 
 fn etcd_backup(args: &[&str], path_prefix: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    if let Some(p) = path_prefix {
-        cmd.env(
-            "PATH",
-            format!(
-                "{}:{}",
-                p.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        );
-    }
-    cmd.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n{}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    let path = path_prefix.map(|p| {
+        format!(
+            "{}:{}",
+            p.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    });
+    let env: Vec<(&str, &str)> = path.iter().map(|p| ("PATH", p.as_str())).collect();
+    support::etcd_backup(args, &env)
 }
 
 struct Fixture {

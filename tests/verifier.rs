@@ -1,12 +1,11 @@
 //! The built-in snapshot verifier against real snapshots from etcd 3.5.1 and 3.4.23:
 //! it must agree with `etcdutl`/`etcdctl snapshot status` on hash, revision, key count and
-//! size, reject every kind of corruption with a message naming what and where, and never
-//! panic or hang on mutated files.
+//! size, and reject every kind of corruption with a message naming what and where (mutated
+//! files that must never panic are a property test in `src/verify/tests.rs`).
 
 mod support;
 
 use etcd_backup::verify::{verify_bytes, verify_file, VerifyError, VerifyOptions};
-use proptest::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
 use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
@@ -257,59 +256,72 @@ fn meta_page_damage_is_rejected() {
 #[test]
 fn branch_page_damage_is_rejected() {
     let s = sample();
-    let b = pages_with(s, 0x01)[0];
-    // Point the first child at the branch page itself: a cycle.
+    // Freed pages can still carry a branch header; damage every page that looks like a
+    // branch, so the live ones are hit whichever they are.
+    let branches = pages_with(s, 0x01);
+    assert!(!branches.is_empty());
+    let names_a_branch = |m: &str| branches.iter().any(|b| m.contains(&format!("page {b}")));
+    // Point each first child at the branch page itself: a cycle.
     let mut cyc = s.clone();
-    cyc[b * PS + 16 + 8..b * PS + 16 + 16].copy_from_slice(&(b as u64).to_le_bytes());
+    for &b in &branches {
+        cyc[b * PS + 16 + 8..b * PS + 16 + 16].copy_from_slice(&(b as u64).to_le_bytes());
+    }
     let m = structure_error(&cyc, &NO_TRAILER_CHECK);
-    assert!(m.contains(&format!("page {b}")), "{m}");
+    assert!(names_a_branch(&m), "{m}");
     // A key byte: the child's first key no longer matches, or order breaks.
     let mut key = s.clone();
-    let pos = u32::from_le_bytes(s[b * PS + 16..b * PS + 20].try_into().unwrap()) as usize;
-    key[b * PS + 16 + pos] ^= 0x01;
+    for &b in &branches {
+        let pos = u32::from_le_bytes(s[b * PS + 16..b * PS + 20].try_into().unwrap()) as usize;
+        key[b * PS + 16 + pos] ^= 0x01;
+    }
     let m = structure_error(&key, &NO_TRAILER_CHECK);
     assert!(m.contains("page"), "{m}");
     // A child id out of range.
     let mut oob = s.clone();
-    oob[b * PS + 16 + 8..b * PS + 16 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    for &b in &branches {
+        oob[b * PS + 16 + 8..b * PS + 16 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    }
     let m = structure_error(&oob, &NO_TRAILER_CHECK);
-    assert!(
-        m.contains(&format!("page {b}")) && m.contains("outside"),
-        "{m}"
-    );
+    assert!(names_a_branch(&m) && m.contains("outside"), "{m}");
 }
 
 #[test]
 fn leaf_page_damage_is_rejected() {
     let s = sample();
-    // Pick a leaf with several elements.
-    let l = *pages_with(s, 0x02)
-        .iter()
-        .find(|&&p| u16::from_le_bytes([s[p * PS + 10], s[p * PS + 11]]) > 3)
-        .unwrap();
+    // Leaves with several elements; freed pages can look like leaves too, so every one of
+    // them is damaged and the live ones are hit whichever they are.
+    let leaves: Vec<usize> = pages_with(s, 0x02)
+        .into_iter()
+        .filter(|&p| u16::from_le_bytes([s[p * PS + 10], s[p * PS + 11]]) > 3)
+        .collect();
+    assert!(!leaves.is_empty());
+    let names_a_leaf = |m: &str| leaves.iter().any(|l| m.contains(&format!("page {l}")));
     // An element's key size far beyond the page.
     let mut big = s.clone();
-    let e = l * PS + 16 + ELEM_KSIZE;
-    big[e..e + 4].copy_from_slice(&100_000u32.to_le_bytes());
+    for &l in &leaves {
+        let e = l * PS + 16 + ELEM_KSIZE;
+        big[e..e + 4].copy_from_slice(&100_000u32.to_le_bytes());
+    }
     let m = structure_error(&big, &NO_TRAILER_CHECK);
-    assert!(
-        m.contains(&format!("page {l}")) && m.contains("outside the page"),
-        "{m}"
-    );
+    assert!(names_a_leaf(&m) && m.contains("outside the page"), "{m}");
     // Two keys swapped in order: element 1's key made smaller than element 0's.
     let mut order = s.clone();
-    let e1 = l * PS + 16 + 16;
-    let pos1 = u32::from_le_bytes(s[e1 + 4..e1 + 8].try_into().unwrap()) as usize;
-    for k in 0..8 {
-        order[e1 + pos1 + k] = 0;
+    for &l in &leaves {
+        let e1 = l * PS + 16 + 16;
+        let pos1 = u32::from_le_bytes(s[e1 + 4..e1 + 8].try_into().unwrap()) as usize;
+        for k in 0..8 {
+            order[e1 + pos1 + k] = 0;
+        }
     }
     let m = structure_error(&order, &NO_TRAILER_CHECK);
     assert!(m.contains("out of order") || m.contains("first key"), "{m}");
     // Unknown element flags.
     let mut flags = s.clone();
-    flags[l * PS + 16] = 0x7;
+    for &l in &leaves {
+        flags[l * PS + 16] = 0x7;
+    }
     let m = structure_error(&flags, &NO_TRAILER_CHECK);
-    assert!(m.contains(&format!("page {l}")), "{m}");
+    assert!(names_a_leaf(&m), "{m}");
 }
 
 const ELEM_KSIZE: usize = 8;
@@ -351,57 +363,4 @@ fn swapped_and_zeroed_pages_and_trailer_damage_are_rejected() {
 fn verify_file_names_the_file_when_it_cannot_be_read() {
     let e = verify_file(Path::new("/nonexistent/snap.db"), &FULL).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/snap.db"), "{e}");
-}
-
-#[derive(Debug, Clone)]
-enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Set { at: usize, byte: u8 },
-    Truncate { len: usize },
-    Copy { from: usize, to: usize, len: usize },
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    let n = sample().len();
-    prop_oneof![
-        (0..n, 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        (0..n, any::<u8>()).prop_map(|(at, byte)| Mutation::Set { at, byte }),
-        (0..n).prop_map(|len| Mutation::Truncate { len }),
-        (0..n, 0..n, 1usize..9000).prop_map(|(from, to, len)| Mutation::Copy { from, to, len }),
-    ]
-}
-
-proptest! {
-    // PROPTEST_CASES raises the count for longer runs.
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
-
-    /// Mutated snapshots never panic or hang; when the structure check passes, the
-    /// result is a full report.
-    #[test]
-    fn mutated_snapshots_never_panic(muts in proptest::collection::vec(mutation(), 1..6)) {
-        let mut b = sample().clone();
-        for m in muts {
-            match m {
-                Mutation::Flip { at, bit } => if at < b.len() { b[at] ^= 1 << bit },
-                Mutation::Set { at, byte } => if at < b.len() { b[at] = byte },
-                Mutation::Truncate { len } => b.truncate(len),
-                Mutation::Copy { from, to, len } => {
-                    if from < b.len() && to < b.len() {
-                        let len = len.min(b.len() - from).min(b.len() - to);
-                        let chunk = b[from..from + len].to_vec();
-                        b[to..to + len].copy_from_slice(&chunk);
-                    }
-                }
-            }
-        }
-        // Every page is visited at most once, so this returns; it must not panic.
-        let r = verify_bytes(&b, &NO_TRAILER_CHECK);
-        if let Ok(rep) = r {
-            prop_assert!(rep.page_count * u64::from(rep.page_size) <= b.len() as u64);
-        }
-    }
 }

@@ -142,6 +142,35 @@ pub struct StorageConfig {
     pub sse: Option<Sse>,
     /// Send a SHA-256 checksum with every upload (required by buckets with Object Lock).
     pub checksum_sha256: bool,
+    /// Limits and retries of S3 requests.
+    pub requests: RequestLimits,
+}
+
+/// Timeouts and retries of S3 requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestLimits {
+    /// Time to establish a connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Time for one request (one 5 MiB part at most).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// Retries of a failed request (with exponential backoff and jitter).
+    pub max_retries: u32,
+    /// No retry starts after this long since the first attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_timeout: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(300),
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(180),
+        }
+    }
 }
 
 /// S3 server-side encryption (`storage.sse`).
@@ -228,9 +257,25 @@ pub struct BackupConfig {
     pub compression_level: Option<i32>,
     /// Directory for the temporary copy of the snapshot that is verified before commit.
     pub spool_dir: PathBuf,
-    /// Upper bound for a whole cycle (snapshot, verify, upload, commit).
+    /// Upper bound for a whole cycle (snapshot, verify, upload, commit), plus
+    /// `timeout_per_gib` for each GiB of the database.
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
+    /// Added to `timeout` per GiB of the database, so large databases get the time they need.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout_per_gib: Duration,
+    /// After a failed scheduled backup, try once more after this long (when that is before
+    /// the next slot); `None`: wait for the next slot.
+    #[serde(with = "humantime_serde_compat_opt")]
+    pub retry_after: Option<Duration>,
+}
+
+impl BackupConfig {
+    /// The time limit of a cycle for a database of `db_size` bytes.
+    pub fn cycle_timeout(&self, db_size: u64) -> Duration {
+        let gib = db_size as f64 / f64::from(1u32 << 30);
+        self.timeout + self.timeout_per_gib.mul_f64(gib)
+    }
 }
 
 /// When the daemon runs cycles.
@@ -360,6 +405,16 @@ mod humantime_serde_compat {
     }
 }
 
+mod humantime_serde_compat_opt {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
 mod raw {
     //! The serde mirror of the TOML file. Every field is optional here so that defaults
     //! and "was it set?" are decided in one place, in `Config::from_raw`.
@@ -413,6 +468,10 @@ mod raw {
         pub sse_customer_key: Option<Secret>,
         pub sse_customer_key_file: Option<String>,
         pub checksum: Option<String>,
+        pub connect_timeout: Option<String>,
+        pub request_timeout: Option<String>,
+        pub max_retries: Option<u32>,
+        pub retry_timeout: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -423,6 +482,8 @@ mod raw {
         pub compression_level: Option<i32>,
         pub spool_dir: Option<String>,
         pub timeout: Option<String>,
+        pub timeout_per_gib: Option<String>,
+        pub retry_after: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -877,6 +938,24 @@ impl Config {
             storage_class: r.storage_class,
             sse,
             checksum_sha256,
+            requests: RequestLimits {
+                connect_timeout: p.duration(
+                    "storage.connect_timeout",
+                    r.connect_timeout.as_deref(),
+                    "10s",
+                ),
+                request_timeout: p.duration(
+                    "storage.request_timeout",
+                    r.request_timeout.as_deref(),
+                    "5m",
+                ),
+                max_retries: r.max_retries.unwrap_or(5).min(20),
+                retry_timeout: p.duration(
+                    "storage.retry_timeout",
+                    r.retry_timeout.as_deref(),
+                    "3m",
+                ),
+            },
         }
     }
 
@@ -918,6 +997,15 @@ impl Config {
             compression_level: r.compression_level,
             spool_dir,
             timeout: p.duration("backup.timeout", r.timeout.as_deref(), "30m"),
+            timeout_per_gib: p.duration(
+                "backup.timeout_per_gib",
+                r.timeout_per_gib.as_deref(),
+                "10m",
+            ),
+            retry_after: match r.retry_after.as_deref() {
+                Some("off") => None,
+                other => Some(p.duration("backup.retry_after", other, "5m")),
+            },
         }
     }
 

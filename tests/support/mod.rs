@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod fleet;
 pub mod garage;
+pub mod proxy;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -176,6 +178,67 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Runs the `etcd-backup` binary with `args`, without inherited `ETCD_BACKUP_*`/`AWS_*`
+/// variables, with `env` added.
+pub fn etcd_backup(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run etcd-backup")
+}
+
+/// A command's exit code and output, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Writes about `mb` MiB of 64 KiB values through `endpoint` with four concurrent writers;
+/// `random` values do not compress (so that throttles and cuts bite), others compress well.
+pub async fn load_values(endpoint: &str, mb: u32, random: bool) {
+    let c = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("connect to etcd to load data");
+    let mut tasks = Vec::new();
+    for t in 0..4u32 {
+        let mut kv = c.kv_client();
+        tasks.push(tokio::spawn(async move {
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(t);
+            for i in 0..mb * 4 {
+                let v: Vec<u8> = (0..64 * 1024u32)
+                    .map(|k| {
+                        if random {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        } else {
+                            b'a' + ((k * 7 + i * 13 + t) % 26) as u8
+                        }
+                    })
+                    .collect();
+                kv.put(format!("/load/t{t}/v{i}"), v, None)
+                    .await
+                    .expect("load a value");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("loader task");
+    }
 }
 
 /// Runs a command to completion and panics with its output when it fails.

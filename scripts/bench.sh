@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# Benchmarks a backup cycle against the usual script, on one etcd member and one Garage
+# bucket, in one run: the cases are interleaved and repeated, medians are reported.
+#
+#   1. etcdctl snapshot save to local disk (the physical limit of a cycle here)
+#   2. the script: etcdctl snapshot save + etcdctl snapshot status + gzip + aws s3 cp
+#   3. etcd-backup snapshot, zstd (default) and gzip (like for like)
+#   4. etcd-backup restore latest --output  vs  aws s3 cp + gunzip
+#   plus the verifier alone (verify --file) and the daemon idle (RSS, CPU over 30 s).
+#
+# Usage: bash scripts/bench.sh [--size 1GiB] [--rounds 3] [--work DIR]
+# Needs: cargo, root for apt-get (installs etcd, Garage, GNU time and the AWS CLI when
+# missing). The database is built by examples/etcd-load.rs (Kubernetes-like values, with
+# history). Disk: about 6x the size under --work (default /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# etcd reads every ETCD_* variable as a flag, etcd-backup every ETCD_BACKUP_* as a setting.
+for v in $(env | awk -F= '/^ETCD_/{print $1}'); do unset "$v"; done
+export PATH="$HOME/.cargo/bin:$PATH"
+
+SIZE=1GiB
+ROUNDS=3
+WORK_BASE=/var/tmp
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) SIZE="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --work) WORK_BASE="$2"; shift 2 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+bash scripts/install-deps.sh --no-promtool
+eval "$(bash scripts/install-deps.sh --print-env)"
+need_apt=()
+[ -x /usr/bin/time ] || need_apt+=(time)
+command -v aws >/dev/null 2>&1 || need_apt+=(awscli)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+echo "== building (release)"
+cargo build --release --locked --bin etcd-backup --example etcd-load
+BIN="$PWD/target/release/etcd-backup"
+LOADER="$PWD/target/release/examples/etcd-load"
+ETCDCTL="$EB_ETCD_351_DIR/etcdctl"
+
+WORK=$(mktemp -d "$WORK_BASE/etcd-backup-bench.XXXXXX")
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+CP=$(free_port); PP=$(free_port); MP=$(free_port)
+RPC=$(free_port); S3=$(free_port); ADMIN=$(free_port); DAEMON_PORT=$(free_port)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "== etcd 3.5.1 on 127.0.0.1:$CP (data in $WORK/etcd)"
+"$EB_ETCD_351_DIR/etcd" --name bench --data-dir "$WORK/etcd" \
+  --listen-client-urls "http://127.0.0.1:$CP" --advertise-client-urls "http://127.0.0.1:$CP" \
+  --listen-peer-urls "http://127.0.0.1:$PP" --initial-advertise-peer-urls "http://127.0.0.1:$PP" \
+  --initial-cluster "bench=http://127.0.0.1:$PP" --listen-metrics-urls "http://127.0.0.1:$MP" \
+  --quota-backend-bytes $((16 * 1024 * 1024 * 1024)) --snapshot-count 1000000 \
+  > "$WORK/etcd.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$MP/health" >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "== Garage on 127.0.0.1:$S3"
+KEY_ID=GK0123456789abcdef0bench01
+SECRET=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+cat > "$WORK/garage.toml" <<EOF
+metadata_dir = "$WORK/garage/meta"
+data_dir = "$WORK/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$RPC"
+rpc_public_addr = "127.0.0.1:$RPC"
+rpc_secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$ADMIN"
+admin_token = "bench-admin"
+EOF
+chmod 600 "$WORK/garage.toml"
+G() { env -u RUST_LOG "$EB_GARAGE_BIN" -c "$WORK/garage.toml" "$@"; }
+G server > "$WORK/garage.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do G status >/dev/null 2>&1 && break; sleep 0.2; done
+NODE=$(G node id -q | cut -d@ -f1)
+G layout assign -z dc1 -c 100G "$NODE" >/dev/null
+G layout apply --version 1 >/dev/null
+G key import --yes -n bench "$KEY_ID" "$SECRET" >/dev/null
+G bucket create bench >/dev/null
+G bucket allow --read --write --owner bench --key bench >/dev/null
+export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$SECRET AWS_DEFAULT_REGION=garage
+AWS=(aws --endpoint-url "http://127.0.0.1:$S3" --only-show-errors)
+
+echo "== loading $SIZE of Kubernetes-like objects"
+"$LOADER" --endpoint "http://127.0.0.1:$CP" --size "$SIZE"
+DB_SIZE=$("$ETCDCTL" --endpoints "http://127.0.0.1:$CP" endpoint status -w json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Status"]["dbSize"])')
+echo "   etcd database: $DB_SIZE bytes"
+
+for c in zstd gzip; do
+  cat > "$WORK/$c.toml" <<EOF
+[etcd]
+endpoints = ["http://127.0.0.1:$CP"]
+[storage]
+url = "s3://bench/eb-$c"
+endpoint = "http://127.0.0.1:$S3"
+region = "garage"
+access_key_id = "$KEY_ID"
+secret_access_key = "$SECRET"
+[backup]
+cluster_name = "bench"
+compression = "$c"
+spool_dir = "$WORK/spool"
+timeout = "2h"
+[retention]
+keep_last = 100
+[metrics]
+listen = "127.0.0.1:$DAEMON_PORT"
+EOF
+  chmod 600 "$WORK/$c.toml"
+done
+
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+# measure NAME STORED_FILE_OR_CMD -- command...: wall seconds and peak RSS (all processes of
+# the case, from GNU time's maximum resident set of the command and its children).
+measure() {
+  local name="$1"; shift
+  local tv="$WORK/time.txt"
+  sync
+  /usr/bin/time -v -o "$tv" "$@" > "$WORK/out.txt" 2> "$WORK/err.txt" || { cat "$WORK/err.txt"; echo "bench: $name failed" >&2; exit 1; }
+  local wall rss
+  wall=$(awk -F': ' '/Elapsed \(wall clock\)/{n=split($2,a,":"); s=0; for(i=1;i<=n;i++) s=s*60+a[i]; print s}' "$tv")
+  rss=$(awk -F': ' '/Maximum resident set size/{print $2}' "$tv")
+  LAST_WALL=$wall
+  printf '%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$wall" "$rss" >> "$RESULTS"
+}
+stored() { printf '%s\tstored:%s\t%s\t0\n' "$ROUND" "$1" "$2" >> "$RESULTS"; }
+
+SNAP="$WORK/snap.db"
+for ROUND in $(seq 1 "$ROUNDS"); do
+  echo "== round $ROUND/$ROUNDS"
+  rm -f "$SNAP" "$SNAP.gz"
+  measure "1 etcdctl snapshot save" "$ETCDCTL" --endpoints "http://127.0.0.1:$CP" snapshot save "$SNAP"
+  echo "   etcdctl snapshot save: ${LAST_WALL}s"
+  measure "v etcd-backup verify --file" "$BIN" verify --file "$SNAP" --json
+  rm -f "$SNAP"
+
+  measure "2 script: save+status+gzip+aws s3 cp" bash -c '
+    set -e
+    "$1" --endpoints "$2" snapshot save "$3" >/dev/null
+    "$1" snapshot status "$3" -w table >/dev/null
+    gzip "$3"
+    shift 3
+    "$@" s3 cp "'"$SNAP"'.gz" "s3://bench/script/snap-'"$ROUND"'.db.gz"
+  ' _ "$ETCDCTL" "http://127.0.0.1:$CP" "$SNAP" "${AWS[@]}"
+  echo "   script pipeline: ${LAST_WALL}s"
+  stored "gzip (script)" "$(stat -c %s "$SNAP.gz")"
+
+  for c in zstd gzip; do
+    measure "3 etcd-backup snapshot ($c)" "$BIN" snapshot --config "$WORK/$c.toml"
+    echo "   etcd-backup snapshot ($c): ${LAST_WALL}s"
+    stored "etcd-backup $c" "$("$BIN" list --config "$WORK/$c.toml" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["stored_size"])')"
+  done
+
+  rm -f "$WORK/r.db" "$SNAP" "$SNAP.gz"
+  measure "4 etcd-backup restore (zstd)" "$BIN" restore latest --config "$WORK/zstd.toml" --output "$WORK/r.db"
+  echo "   etcd-backup restore: ${LAST_WALL}s"
+  rm -f "$WORK/r.db"
+  measure "4 aws s3 cp + gunzip" bash -c '
+    set -e
+    out="$1"; shift
+    "$@" s3 cp "s3://bench/script/snap-'"$ROUND"'.db.gz" "$out.gz"
+    gunzip "$out.gz"
+  ' _ "$WORK/r.db" "${AWS[@]}"
+  echo "   aws s3 cp + gunzip: ${LAST_WALL}s"
+  rm -f "$WORK/r.db"
+done
+
+echo "== daemon idle (30 s between cycles; it holds the election lease meanwhile)"
+sed 's/^\[backup\]/[schedule]\ncron = "0 0 1 1 *"\n[backup]/' "$WORK/zstd.toml" > "$WORK/daemon.toml"
+# A daemon that starts on an empty store takes a backup at once; this store is not empty.
+"$BIN" run --config "$WORK/daemon.toml" > "$WORK/daemon.log" 2>&1 &
+DPID=$!
+PIDS+=("$DPID")
+sleep 10
+t0=$(awk '{print $14+$15}' "/proc/$DPID/stat")
+sleep 30
+t1=$(awk '{print $14+$15}' "/proc/$DPID/stat")
+IDLE_RSS=$(awk '/VmRSS/{print $2}' "/proc/$DPID/status")
+IDLE_TICKS=$((t1 - t0))
+kill "$DPID"
+
+python3 - "$RESULTS" "$DB_SIZE" "$SIZE" "$ROUNDS" "$IDLE_RSS" "$IDLE_TICKS" <<'PY'
+import statistics, sys
+path, db_size, size, rounds, idle_rss, idle_ticks = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+times, rss, stored = {}, {}, {}
+for _, name, a, b in rows:
+    if name.startswith("stored:"):
+        stored.setdefault(name[7:], []).append(int(a))
+    else:
+        times.setdefault(name, []).append(float(a))
+        rss.setdefault(name, []).append(int(b))
+base = statistics.median(times["1 etcdctl snapshot save"])
+db = int(db_size)
+print()
+print(f"etcd database {db/2**30:.2f} GiB ({size} loaded), {rounds} rounds, medians")
+print(f"{'case':40} {'wall s':>8} {'x save':>7} {'peak RSS MiB':>13}")
+for name in sorted(times):
+    t = statistics.median(times[name])
+    r = statistics.median(rss[name]) / 1024
+    extra = f"   {db/t/1e9:.2f} GB/s" if name.startswith("v ") else ""
+    print(f"{name:40} {t:8.2f} {t/base:7.2f} {r:13.1f}{extra}")
+print()
+print(f"{'stored object':40} {'bytes':>14} {'x gzip':>7} {'% of DB':>8}")
+gz = statistics.median(stored["gzip (script)"])
+for name in sorted(stored):
+    s = statistics.median(stored[name])
+    print(f"{name:40} {s:14d} {s/gz:7.2f} {100*s/db:7.1f}%")
+print()
+t_script = statistics.median(times["2 script: save+status+gzip+aws s3 cp"])
+t_zstd = statistics.median(times["3 etcd-backup snapshot (zstd)"])
+t_rest = statistics.median(times["4 etcd-backup restore (zstd)"])
+t_cli = statistics.median(times["4 aws s3 cp + gunzip"])
+print(f"cycle (zstd) / etcdctl save:     {t_zstd/base:.2f}  (target <= 1.25)")
+print(f"script / cycle (zstd):           {t_script/t_zstd:.2f}  (target >= 2.5)")
+print(f"stored zstd / gzip:              {statistics.median(stored['etcd-backup zstd'])/gz:.2f}  (target <= 0.9)")
+print(f"restore / (aws cp + gunzip):     {t_rest/t_cli:.2f}  (target <= 1.2)")
+print(f"daemon idle: {int(idle_rss)/1024:.1f} MiB RSS, {idle_ticks} CPU ticks in 30 s")
+PY

@@ -1,0 +1,442 @@
+//! Faults real clusters have, against real etcd and Garage with a fault proxy in between:
+//! S3 down at start, S3 cutting uploads, S3 stalling, a slow link, the etcd member killed
+//! mid-snapshot, a truncated snapshot stream, and a spool filesystem that is too small.
+//!
+//! After each fault is lifted: the daemon still runs and is healthy, the next cycle succeeds,
+//! the failure was counted by stage, no incomplete multipart upload remains, no manifest
+//! lacks its object, and every committed backup verifies.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use support::garage::{garage, Garage};
+use support::proxy::{Fault, Proxy};
+use support::text;
+use support::{metric, ChildProc};
+
+/// Two cores: one scenario at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn etcd_backup(args: &[&str]) -> Output {
+    support::etcd_backup(args, &[])
+}
+
+struct Rig {
+    cluster: EtcdCluster,
+    g: &'static Garage,
+    bucket: String,
+    s3: Proxy,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    port: u16,
+    daemon: Option<ChildProc>,
+    log: PathBuf,
+    /// `[schedule] cron` and `[backup] retry_after` of the next `write_config`.
+    cron: String,
+    retry_after: String,
+}
+
+impl Rig {
+    /// One etcd member with `mb` MiB of data, Garage behind a proxy.
+    fn new(mb: u32) -> Rig {
+        let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+        let cluster = EtcdCluster::start(&bins, 1);
+        if mb > 0 {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(support::load_values(&cluster.client_url(0), mb, true));
+        }
+        let g = garage();
+        let bucket = g.create_bucket("faults");
+        let s3 = Proxy::for_url(&g.s3_endpoint);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        let log = dir.path().join("daemon.log");
+        let port = support::free_port();
+        let rig = Rig {
+            cluster,
+            g,
+            bucket,
+            s3,
+            dir,
+            config,
+            port,
+            daemon: None,
+            log,
+            cron: "*/4 * * * * *".into(),
+            retry_after: "off".into(),
+        };
+        rig.write_config(
+            &rig.cluster.client_url(0),
+            &rig.dir.path().join("spool"),
+            "",
+        );
+        rig
+    }
+
+    fn write_config(&self, etcd: &str, spool: &Path, extra_storage: &str) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "[etcd]\nendpoints = [\"{etcd}\"]\ndial_timeout = \"2s\"\nrequest_timeout = \"5s\"\n\
+                 [storage]\nurl = \"s3://{}/p\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+                 connect_timeout = \"2s\"\nrequest_timeout = \"4s\"\nmax_retries = 2\nretry_timeout = \"10s\"\n{extra_storage}\n\
+                 [backup]\ncluster_name = \"f\"\nspool_dir = \"{}\"\ntimeout = \"90s\"\nretry_after = \"{}\"\n\
+                 [schedule]\ncron = \"{}\"\n\
+                 [retention]\nkeep_last = 1000\n\
+                 [metrics]\nlisten = \"127.0.0.1:{}\"\nrefresh_interval = \"1s\"\n\
+                 [election]\nenabled = false\n",
+                self.bucket,
+                self.s3.url(),
+                self.g.region,
+                self.g.access_key_id,
+                self.g.secret_access_key,
+                spool.display(),
+                self.retry_after,
+                self.cron,
+                self.port,
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &self.config,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
+
+    fn start_daemon(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+        cmd.args(["run", "--config", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "etcd_backup=debug");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") || k == "NOTIFY_SOCKET" {
+                cmd.env_remove(k);
+            }
+        }
+        self.daemon = Some(ChildProc::spawn("etcd-backup", cmd, &self.log));
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.log_text().matches(what).count()
+    }
+
+    fn tail(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map_or_else(String::new, |d| d.log_tail(40))
+    }
+
+    fn wait_log(&self, what: &str, more_than: usize, timeout: Duration) {
+        support::wait_until(
+            &format!("{what:?} in the daemon log\n{}", self.tail()),
+            timeout,
+            || self.count(what) > more_than,
+        );
+    }
+
+    fn failures(&self, stage: &str) -> f64 {
+        let body =
+            support::http_get(self.port, "/metrics", Duration::from_secs(2)).unwrap_or_default();
+        metric(
+            &body,
+            &format!("etcd_backup_failures_total{{stage=\"{stage}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
+    /// Everything that must hold once the fault is lifted.
+    fn assert_recovered(&mut self, stage: &str) {
+        assert!(
+            self.failures(stage) >= 1.0,
+            "the failure was not counted under stage {stage}\n{}",
+            self.tail()
+        );
+        let before = self.count("scheduled backup committed");
+        self.wait_log(
+            "scheduled backup committed",
+            before,
+            Duration::from_secs(60),
+        );
+        assert!(
+            self.daemon.as_mut().unwrap().is_running(),
+            "{}",
+            self.tail()
+        );
+        assert!(
+            support::http_get(self.port, "/healthz", Duration::from_secs(2)).is_some(),
+            "/healthz is not OK\n{}",
+            self.tail()
+        );
+        support::wait_until(
+            &format!("no incomplete multipart uploads\n{}", self.tail()),
+            Duration::from_secs(30),
+            || self.g.incomplete_multipart_uploads(&self.bucket) == 0,
+        );
+        self.assert_store_consistent();
+    }
+
+    /// No manifest without a valid object: every committed backup verifies; no data object
+    /// is left without a manifest once prune has run.
+    fn assert_store_consistent(&self) {
+        let o = etcd_backup(&[
+            "verify",
+            "--all",
+            "--config",
+            self.config.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg =
+            etcd_backup::config::Config::load_with_env(&self.config, Some(Default::default()))
+                .unwrap();
+        let store = etcd_backup::store::BackupStore::open(&cfg.storage, "f").unwrap();
+        let listing = rt.block_on(store.list()).unwrap();
+        assert!(!listing.backups.is_empty());
+        assert!(
+            listing.dangling.is_empty(),
+            "manifests without objects: {:?}",
+            listing.dangling
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(d) = &mut self.daemon {
+            d.kill();
+        }
+    }
+}
+
+#[test]
+fn s3_unreachable_at_start_then_back() {
+    let _g = serial();
+    let mut rig = Rig::new(2);
+    rig.s3.set(Fault::Refuse);
+    rig.start_daemon();
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
+    assert!(rig.log_text().contains("stage=upload"), "{}", rig.tail());
+    rig.s3.set(Fault::Pass);
+    rig.assert_recovered("upload");
+}
+
+#[test]
+fn s3_cutting_uploads_mid_stream() {
+    let _g = serial();
+    let mut rig = Rig::new(30);
+    rig.s3.set(Fault::CutAfter(3 << 20));
+    rig.start_daemon();
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(90));
+    assert!(rig.log_text().contains("stage=upload"), "{}", rig.tail());
+    rig.s3.set(Fault::Pass);
+    rig.assert_recovered("upload");
+}
+
+#[test]
+fn s3_stalling_past_the_timeout_fails_in_bounded_time_and_cleans_up_after() {
+    let _g = serial();
+    let mut rig = Rig::new(40);
+    rig.start_daemon();
+    rig.wait_log("scheduled backup committed", 0, Duration::from_secs(60));
+    // Slow the next upload down, then stall it while its parts are in flight: the parts and
+    // the abort time out, and the daemon cleans up the upload once S3 answers again.
+    rig.s3.set(Fault::Throttle(2_000_000));
+    let cycles = rig.count("connected to etcd");
+    rig.wait_log("connected to etcd", cycles, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    rig.s3.set(Fault::Stall);
+    let stalled = Instant::now();
+    let failed = rig.count("scheduled backup failed");
+    rig.wait_log("scheduled backup failed", failed, Duration::from_secs(90));
+    // Bounded by request_timeout (4 s) x (1 + max_retries 2) plus backoff, not backup.timeout.
+    assert!(
+        stalled.elapsed() < Duration::from_secs(75),
+        "the stalled cycle took {:?} to fail",
+        stalled.elapsed()
+    );
+    support::wait_until("the abort to give up", Duration::from_secs(60), || {
+        rig.log_text()
+            .contains("could not abort the incomplete upload")
+    });
+    assert!(rig.g.incomplete_multipart_uploads(&rig.bucket) >= 1);
+    rig.s3.set(Fault::Pass);
+    rig.assert_recovered("upload");
+    assert!(
+        rig.log_text()
+            .contains("cleaned up the incomplete upload of an earlier failed cycle"),
+        "{}",
+        rig.tail()
+    );
+}
+
+#[test]
+fn a_slow_link_completes_a_large_snapshot() {
+    let _g = serial();
+    let rig = Rig::new(120);
+    // 8 MB/s for an incompressible ~120 MiB snapshot: ~16 s; each 5 MiB part < 1 s.
+    let rate = 8_000_000u64;
+    rig.s3.set(Fault::Throttle(rate));
+    rig.write_config(
+        &rig.cluster.client_url(0),
+        &rig.dir.path().join("spool"),
+        "",
+    );
+    let started = Instant::now();
+    let o = etcd_backup(&["snapshot", "--config", rig.config.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    let uploaded = rig.s3.bytes();
+    assert!(
+        uploaded > 100 << 20,
+        "only {uploaded} bytes went through the proxy"
+    );
+    assert!(
+        took.as_secs_f64() >= uploaded as f64 / rate as f64 * 0.8,
+        "{took:?} for {uploaded} bytes: the throttle did not apply"
+    );
+    rig.s3.set(Fault::Pass);
+    rig.assert_store_consistent();
+}
+
+#[test]
+fn etcd_member_killed_mid_snapshot() {
+    let _g = serial();
+    let mut rig = Rig::new(120);
+    // Slow the upload so that the snapshot stream is still running when the member dies.
+    rig.s3.set(Fault::Throttle(6_000_000));
+    rig.start_daemon();
+    let started = rig.count("connected to etcd");
+    rig.wait_log("connected to etcd", started, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    rig.cluster.kill(0);
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
+    assert!(rig.log_text().contains("stage=snapshot"), "{}", rig.tail());
+    rig.cluster.restart(0);
+    rig.s3.set(Fault::Pass);
+    rig.assert_recovered("snapshot");
+}
+
+#[test]
+fn a_truncated_snapshot_stream_is_rejected() {
+    let _g = serial();
+    let mut rig = Rig::new(20);
+    let etcd = Proxy::for_url(&rig.cluster.client_url(0));
+    rig.write_config(&etcd.url(), &rig.dir.path().join("spool"), "");
+    // Status and the start of the stream pass; the stream is cut after ~5 MB.
+    etcd.set(Fault::CutAfter(5 << 20));
+    rig.start_daemon();
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
+    let log = rig.log_text();
+    assert!(
+        log.contains("stage=snapshot") || log.contains("stage=verify"),
+        "{}",
+        rig.tail()
+    );
+    etcd.set(Fault::Pass);
+    let before = rig.count("scheduled backup committed");
+    rig.wait_log(
+        "scheduled backup committed",
+        before,
+        Duration::from_secs(60),
+    );
+    let stage = if rig.failures("snapshot") >= 1.0 {
+        "snapshot"
+    } else {
+        "verify"
+    };
+    rig.assert_recovered(stage);
+}
+
+#[test]
+fn a_spool_filesystem_too_small_fails_cleanly_before_the_snapshot() {
+    let _g = serial();
+    let mut rig = Rig::new(24);
+    let small = rig.dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "this test mounts an 8 MiB tmpfs as the spool directory and needs root with CAP_SYS_ADMIN: {}",
+        text(&o)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    rig.write_config(&rig.cluster.client_url(0), &small.join("spool"), "");
+    rig.start_daemon();
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
+    let log = rig.log_text();
+    assert!(
+        log.contains("free, but the snapshot needs about"),
+        "{}",
+        rig.tail()
+    );
+    let left: Vec<_> = std::fs::read_dir(small.join("spool"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spool files left: {left:?}");
+    assert_eq!(rig.g.incomplete_multipart_uploads(&rig.bucket), 0);
+    // A reload pointing the spool at a larger filesystem: the next cycle succeeds.
+    rig.write_config(
+        &rig.cluster.client_url(0),
+        &rig.dir.path().join("spool"),
+        "",
+    );
+    rig.daemon.as_ref().unwrap().signal("HUP");
+    rig.assert_recovered("snapshot");
+}
+
+#[test]
+fn a_failed_backup_is_retried_once_before_the_next_slot() {
+    let _g = serial();
+    let mut rig = Rig::new(2);
+    // A slot every 30 s; the retry comes 3 s after a failure, long before the next slot.
+    rig.cron = "*/30 * * * * *".into();
+    rig.retry_after = "3s".into();
+    rig.write_config(
+        &rig.cluster.client_url(0),
+        &rig.dir.path().join("spool"),
+        "",
+    );
+    rig.s3.set(Fault::Refuse);
+    rig.start_daemon();
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(45));
+    let failed_at = Instant::now();
+    assert!(
+        rig.log_text()
+            .contains("is retried once before the next slot"),
+        "{}",
+        rig.tail()
+    );
+    rig.s3.set(Fault::Pass);
+    rig.wait_log("retrying the failed backup", 0, Duration::from_secs(20));
+    rig.wait_log("scheduled backup committed", 0, Duration::from_secs(30));
+    assert!(
+        failed_at.elapsed() < Duration::from_secs(25),
+        "the retry did not come before the next slot"
+    );
+    assert_eq!(rig.count("retrying the failed backup"), 1, "{}", rig.tail());
+    rig.assert_store_consistent();
+}
