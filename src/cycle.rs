@@ -181,15 +181,9 @@ async fn stages(
         "connected to etcd"
     );
 
-    db_size.store(
-        u64::try_from(status.db_size).unwrap_or(0),
-        Ordering::Relaxed,
-    );
-    crate::spool::ensure_space(
-        &cfg.backup.spool_dir,
-        u64::try_from(status.db_size).unwrap_or(0),
-    )
-    .map_err(|e| snap_err(&e))?;
+    let size = u64::try_from(status.db_size).unwrap_or(0);
+    db_size.store(size, Ordering::Relaxed);
+    crate::spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
     fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {
@@ -368,18 +362,20 @@ async fn stages(
             recipients: cfg.encryption.recipients.clone(),
         }),
     };
-    if let Err(e) = fence(input.term, Stage::Commit, "before writing the manifest").await {
-        if let Err(de) = input.store.delete(&data_key).await {
-            tracing::warn!(error = %de, key = %data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
-        }
-        return Err(e);
-    }
-    if let Err(e) = input.store.put_manifest(&id, &manifest).await {
+    let committed = match fence(input.term, Stage::Commit, "before writing the manifest").await {
+        Ok(()) => input
+            .store
+            .put_manifest(&id, &manifest)
+            .await
+            .map_err(|e| CycleError::new(Stage::Commit, e)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
         // The data object is complete but uncommitted: remove it so nothing half-done stays.
         if let Err(de) = input.store.delete(&data_key).await {
             tracing::warn!(error = %de, key = %data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
         }
-        return Err(CycleError::new(Stage::Commit, e));
+        return Err(e);
     }
     let commit_time = t3.elapsed();
     tracing::info!(stage = "commit", duration_ms = commit_time.as_millis() as u64, id = %id, "manifest written; backup committed");

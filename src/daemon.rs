@@ -234,17 +234,16 @@ pub async fn run(config: Config) -> Result<(), String> {
             Some(rx) => {
                 let role = rx.borrow().clone();
                 let term = role.term().cloned();
-                observe_role(&metrics, &role, seen_term.as_ref(), term.as_ref());
-                let new_term = match (&term, &seen_term) {
+                let changed = match (&term, &seen_term) {
                     (Some(t), Some(s)) => !Arc::ptr_eq(t, s),
-                    (Some(_), None) => true,
-                    _ => false,
+                    (None, None) => false,
+                    _ => true,
                 };
-                if new_term {
+                observe_role(&metrics, &role, changed);
+                if let (true, Some(t)) = (changed, &term) {
+                    // A new term: check for a missed slot, clean up after earlier leaders.
                     catch_up = true;
-                    if let Some(t) = &term {
-                        abort_uploads_before(&state.store, t.since()).await;
-                    }
+                    abort_uploads_before(&state.store, t.since()).await;
                 }
                 seen_term.clone_from(&term);
                 term
@@ -621,10 +620,10 @@ fn plan_retry(
 /// A new leader aborts the incomplete uploads started before its term: they belong to
 /// earlier leaders, which can no longer commit them (a killed process cannot abort its own).
 async fn abort_uploads_before(store: &BackupStore, since: DateTime<Utc>) {
-    match store.pending_uploads().await {
-        Ok(ups) => {
-            for up in ups.iter().filter(|u| u.initiated < since) {
-                match store.abort_pending(up).await {
+    match store.abort_pending_where(|u| u.initiated < since).await {
+        Ok(aborts) => {
+            for (up, r) in aborts {
+                match r {
                     Ok(()) => {
                         tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader")
                     }
@@ -640,39 +639,42 @@ async fn abort_uploads_before(store: &BackupStore, since: DateTime<Utc>) {
     }
 }
 
-/// Aborts the multipart uploads failed cycles could not abort; keeps those that still fail.
+/// Aborts the multipart uploads failed cycles could not abort; keeps the keys whose uploads
+/// cannot be listed or aborted yet.
 async fn clean_leftovers(store: &BackupStore, leftovers: &mut Vec<String>) {
+    let aborts = match store
+        .abort_pending_where(|u| leftovers.contains(&u.key))
+        .await
+    {
+        Ok(aborts) => aborts,
+        Err(e) => {
+            tracing::debug!(error = %e, "the incomplete uploads of earlier failed cycles cannot be listed yet");
+            return;
+        }
+    };
     let mut still = Vec::new();
-    for key in leftovers.drain(..) {
-        match store.abort_uploads_of(&key).await {
-            Ok(n) => {
-                tracing::info!(key = %key, aborted = n, "cleaned up the incomplete upload of an earlier failed cycle")
+    for (up, r) in aborts {
+        match r {
+            Ok(()) => {
+                tracing::info!(key = %up.key, "cleaned up the incomplete upload of an earlier failed cycle")
             }
             Err(e) => {
-                tracing::debug!(key = %key, error = %e, "the incomplete upload cannot be aborted yet");
-                still.push(key);
+                tracing::debug!(key = %up.key, error = %e, "the incomplete upload cannot be aborted yet");
+                still.push(up.key);
             }
         }
     }
+    still.dedup();
     *leftovers = still;
 }
 
-/// Updates the leadership metrics for `role`; `previous` is the term seen before.
-fn observe_role(
-    metrics: &Metrics,
-    role: &Role,
-    previous: Option<&Arc<Term>>,
-    now: Option<&Arc<Term>>,
-) {
-    let changed = match (previous, now) {
-        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-        (None, None) => false,
-        _ => true,
-    };
+/// Updates the leadership metrics for `role`; `changed`: the term differs from the one seen
+/// before (gained, lost or replaced).
+fn observe_role(metrics: &Metrics, role: &Role, changed: bool) {
     if changed {
         metrics.leader_changes.inc();
     }
-    metrics.is_leader.set(i64::from(now.is_some()));
+    metrics.is_leader.set(i64::from(role.term().is_some()));
     metrics
         .election_up
         .set(i64::from(!matches!(role, Role::Disconnected(_))));

@@ -433,21 +433,23 @@ impl BackupStore {
         Ok(out)
     }
 
-    /// Aborts every incomplete multipart upload of `key` (left behind when aborting a
-    /// failed cycle's upload failed too, e.g. while the store was unreachable); returns how
-    /// many were aborted.
+    /// Aborts the incomplete multipart uploads under the prefix that `pick` selects, with
+    /// one listing; each selected upload with the outcome of its abort.
     ///
     /// # Errors
-    /// [`StoreError`] when listing or aborting fails.
-    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize, StoreError> {
-        let mut n = 0;
+    /// [`StoreError`] when the uploads cannot be listed.
+    pub async fn abort_pending_where(
+        &self,
+        pick: impl Fn(&PendingUpload) -> bool,
+    ) -> Result<Vec<(PendingUpload, Result<(), StoreError>)>, StoreError> {
+        let mut out = Vec::new();
         for up in self.pending_uploads().await? {
-            if up.key == key {
-                self.abort_pending(&up).await?;
-                n += 1;
+            if pick(&up) {
+                let r = self.abort_pending(&up).await;
+                out.push((up, r));
             }
         }
-        Ok(n)
+        Ok(out)
     }
 
     /// Aborts an incomplete multipart upload found by [`BackupStore::pending_uploads`].

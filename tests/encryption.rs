@@ -153,15 +153,23 @@ fn encrypted_backups_round_trip_with_either_identity_and_hide_the_data() {
         assert!(!manifest.contains(secret));
     }
 
+    // `restore` of the newest backup into `out`, with `--identity` when given.
+    let restore = |out: &Path, identity: Option<&Path>| -> Output {
+        let mut args = vec![
+            "restore",
+            "--config",
+            cfg,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if let Some(id) = identity {
+            args.extend(["--identity", id.to_str().unwrap()]);
+        }
+        etcd_backup(&args)
+    };
     // Without an identity: a clear error that names the recipients.
     let out = dir.path().join("none.db");
-    let o = etcd_backup(&[
-        "restore",
-        "--config",
-        cfg,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = restore(&out, None);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let t = text(&o);
     assert!(
@@ -170,45 +178,21 @@ fn encrypted_backups_round_trip_with_either_identity_and_hide_the_data() {
     );
     assert!(!out.exists());
     // With an identity it was not made for: refused, naming both sides.
-    let o = etcd_backup(&[
-        "restore",
-        "--config",
-        cfg,
-        "--output",
-        out.to_str().unwrap(),
-        "--identity",
-        id_c.to_str().unwrap(),
-    ]);
+    let o = restore(&out, Some(&id_c));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("none of the identities"), "{}", text(&o));
     // A world-readable identity is refused.
     let loose = dir.path().join("loose.key");
     std::fs::copy(&id_a, &loose).unwrap();
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = etcd_backup(&[
-        "restore",
-        "--config",
-        cfg,
-        "--output",
-        out.to_str().unwrap(),
-        "--identity",
-        loose.to_str().unwrap(),
-    ]);
+    let o = restore(&out, Some(&loose));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("chmod 600"), "{}", text(&o));
 
     // Either identity restores the verified snapshot.
     for (n, k) in [&id_a, &id_b].iter().enumerate() {
         let out = dir.path().join(format!("restored-{n}.db"));
-        ok(etcd_backup(&[
-            "restore",
-            "--config",
-            cfg,
-            "--output",
-            out.to_str().unwrap(),
-            "--identity",
-            k.to_str().unwrap(),
-        ]));
+        ok(restore(&out, Some(k)));
         let snap = std::fs::read(&out).unwrap();
         assert!(contains(&snap, MARKER.as_bytes()));
         let o = ok(etcd_backup(&[

@@ -1046,15 +1046,14 @@ impl Config {
             );
         }
         if let Some(k) = &customer_key {
-            if !matches!(sse, Some(Sse::CustomerKey { .. })) && kind.is_some() {
+            if !matches!(sse, Some(Sse::CustomerKey { .. })) {
                 p.push(
                     "storage.sse_customer_key",
-                    "only applies with storage.sse = \"sse-c\"",
-                );
-            } else if kind.is_none() {
-                p.push(
-                    "storage.sse_customer_key",
-                    "is set but storage.sse is not; set storage.sse = \"sse-c\"",
+                    if kind.is_none() {
+                        "is set but storage.sse is not; set storage.sse = \"sse-c\""
+                    } else {
+                        "only applies with storage.sse = \"sse-c\""
+                    },
                 );
             }
             let decoded = base64_len(k.expose());
