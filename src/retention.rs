@@ -16,7 +16,7 @@
 //!
 //! # Safety rules (hold whatever the policy says)
 //! - The newest backup is never deleted.
-//! - At least `min_keep` backups remain (the newest ones are kept back).
+//! - The newest `min_keep` backups always remain.
 //! - One plan deletes at most `max_delete_per_run` backups, oldest first; the rest wait for
 //!   the next prune.
 //! - Nothing is deleted while the newest backup is older than `max_age`: backups are
@@ -356,16 +356,12 @@ pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPol
         }
     }
 
-    // min_keep: keep back the newest candidates until enough remain.
+    // min_keep: the newest `min_keep` backups always stay, whatever else the rules keep (so
+    // that a rule keeping an older backup never frees a newer one).
     let want = (policy.min_keep as usize).min(n);
-    let mut kept = reasons.iter().filter(|r| !r.is_empty()).count();
-    for r in &mut reasons {
-        if kept >= want {
-            break;
-        }
+    for r in reasons.iter_mut().take(want) {
         if r.is_empty() {
             r.push(KeepReason::MinKeep);
-            kept += 1;
         }
     }
 
