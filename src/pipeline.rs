@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! etcd stream ──chan──▶ [pipeline thread] ──chan──▶ uploader (multipart parts)
-//!                         ├─ trailer check + sha256 of the raw file
-//!                         ├─ spool file (for the verifier)
+//!                         ├─chan─▶ [spool thread] trailer check + sha256 of the raw file,
+//!                         │                      spool file (for the verifier)
 //!                         └─ compressor ─▶ [age encryption] ─▶ stored sha256 + size
 //! ```
 //!
@@ -205,6 +205,10 @@ pub enum PipelineError {
 /// Runs on a blocking thread: consumes snapshot chunks until the channel closes, writing
 /// the spool file, checking the trailer and compressing into `out`.
 ///
+/// The work is split over two threads so that it overlaps: this one compresses (and
+/// encrypts), a scoped helper checks the trailer and writes the spool file. Chunks are
+/// shared (`Bytes`), never copied, and the helper's queue is bounded like the others.
+///
 /// # Errors
 /// [`PipelineError`] on the first failure; the caller aborts the upload.
 pub fn run(
@@ -216,31 +220,66 @@ pub fn run(
     recipients: &[age::x25519::Recipient],
     out: mpsc::Sender<Bytes>,
 ) -> Result<PipelineReport, PipelineError> {
+    let sealer = Sealer::new(ChunkSink::new(out), recipients).map_err(PipelineError::Compress)?;
+    let mut enc = compression
+        .encoder(sealer, level)
+        .map_err(PipelineError::Compress)?;
+    std::thread::scope(|scope| {
+        let (spool_tx, spool_rx) = std::sync::mpsc::sync_channel::<Bytes>(RAW_QUEUE);
+        let spooler = scope.spawn(move || spool_and_check(&spool_rx, spool, spool_path));
+        let mut compressed = Ok(());
+        while let Some(chunk) = rx.blocking_recv() {
+            if spool_tx.send(chunk.clone()).is_err() {
+                // The spool thread failed; its error is the one to report.
+                break;
+            }
+            if let Err(e) = enc.write_all(&chunk) {
+                compressed = Err(PipelineError::Compress(e));
+                break;
+            }
+        }
+        drop(spool_tx);
+        let spooled = spooler
+            .join()
+            .map_err(|_| PipelineError::Compress(io::Error::other("the spool thread panicked")))?;
+        // A failed spool write is the cause of anything else; a compressor failure comes
+        // next (it ends the stream early, so the trailer check then fails too).
+        let raw = match (spooled, compressed) {
+            (Err(e @ PipelineError::Spool { .. }), _) | (_, Err(e)) | (Err(e), Ok(())) => {
+                return Err(e)
+            }
+            (Ok(raw), Ok(())) => raw,
+        };
+        let sealer = enc.finish().map_err(PipelineError::Compress)?;
+        let sink = sealer.finish().map_err(PipelineError::Compress)?;
+        let (stored_size, stored_sha256) = sink.close().map_err(PipelineError::Compress)?;
+        Ok(PipelineReport {
+            raw,
+            stored_size,
+            stored_sha256,
+        })
+    })
+}
+
+/// The helper thread of [`run`]: writes every chunk to the spool file and checks the
+/// trailer, until the sender is dropped.
+fn spool_and_check(
+    rx: &std::sync::mpsc::Receiver<Bytes>,
+    spool: std::fs::File,
+    spool_path: &std::path::Path,
+) -> Result<RawDigest, PipelineError> {
     let spool_err = |source| PipelineError::Spool {
         path: spool_path.display().to_string(),
         source,
     };
     let mut spool = io::BufWriter::with_capacity(1024 * 1024, spool);
     let mut check = TrailerCheck::new();
-    let sealer = Sealer::new(ChunkSink::new(out), recipients).map_err(PipelineError::Compress)?;
-    let mut enc = compression
-        .encoder(sealer, level)
-        .map_err(PipelineError::Compress)?;
-    while let Some(chunk) = rx.blocking_recv() {
+    for chunk in rx {
         check.update(&chunk);
         spool.write_all(&chunk).map_err(spool_err)?;
-        enc.write_all(&chunk).map_err(PipelineError::Compress)?;
     }
     spool.flush().map_err(spool_err)?;
-    let raw = check.finish()?;
-    let sealer = enc.finish().map_err(PipelineError::Compress)?;
-    let sink = sealer.finish().map_err(PipelineError::Compress)?;
-    let (stored_size, stored_sha256) = sink.close().map_err(PipelineError::Compress)?;
-    Ok(PipelineReport {
-        raw,
-        stored_size,
-        stored_sha256,
-    })
+    Ok(check.finish()?)
 }
 
 #[cfg(test)]
@@ -309,6 +348,66 @@ mod tests {
             let whole: [u8; 32] = sha2::Sha256::digest(&file).into();
             prop_assert_eq!(d.sha256, whole);
         }
+    }
+
+    /// Runs the pipeline over `file` in 32 KiB chunks; the feeder tolerates an early stop.
+    fn run_over(
+        file: &[u8],
+        spool: std::fs::File,
+        out_tx: mpsc::Sender<Bytes>,
+    ) -> Result<PipelineReport, PipelineError> {
+        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
+        let feeder = {
+            let file = file.to_vec();
+            std::thread::spawn(move || {
+                for c in file.chunks(32 * 1024) {
+                    if raw_tx.blocking_send(Bytes::copy_from_slice(c)).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let r = run(
+            raw_rx,
+            spool,
+            std::path::Path::new("test.spool"),
+            Compression::None,
+            None,
+            &[],
+            out_tx,
+        );
+        feeder.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn a_failed_spool_write_is_reported_as_such() {
+        let file = snapshot_like(4000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.spool");
+        std::fs::write(&path, b"").unwrap();
+        // Opened read-only: every write fails, as on a full or broken disk.
+        let spool = std::fs::File::open(&path).unwrap();
+        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
+        let drain = std::thread::spawn(move || while out_rx.blocking_recv().is_some() {});
+        let err = run_over(&file, spool, out_tx).unwrap_err();
+        drain.join().unwrap();
+        assert!(matches!(err, PipelineError::Spool { .. }), "{err:?}");
+        assert!(err.to_string().contains("check free space"), "{err}");
+    }
+
+    #[test]
+    fn a_stopped_uploader_is_reported_not_a_cut_trailer() {
+        let file = snapshot_like(8000); // ~4 MB, more than the output queue holds
+        let dir = tempfile::tempdir().unwrap();
+        let spool = std::fs::File::create(dir.path().join("s.spool")).unwrap();
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        drop(out_rx);
+        let err = run_over(&file, spool, out_tx).unwrap_err();
+        assert!(
+            matches!(&err, PipelineError::Compress(e) if e.kind() == io::ErrorKind::BrokenPipe),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Faults real clusters have, against real etcd and Garage with a fault proxy in between:
 //! S3 down at start, S3 cutting uploads, S3 stalling, a slow link, the etcd member killed
-//! mid-snapshot, a truncated snapshot stream, and a spool filesystem that is too small.
+//! mid-snapshot, a truncated snapshot stream, and a spool filesystem that is too small or
+//! fills up during the snapshot.
 //!
 //! After each fault is lifted: the daemon still runs and is healthy, the next cycle succeeds,
 //! the failure was counted by stage, no incomplete multipart upload remains, no manifest
@@ -361,30 +362,38 @@ fn a_truncated_snapshot_stream_is_rejected() {
     rig.assert_recovered(stage);
 }
 
+/// Mounts a tmpfs of `mb` MiB at `dir` (root only); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: PathBuf, mb: u32) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "this test mounts a {mb} MiB tmpfs as the spool directory and needs root with CAP_SYS_ADMIN: {}",
+            text(&o)
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn a_spool_filesystem_too_small_fails_cleanly_before_the_snapshot() {
     let _g = serial();
     let mut rig = Rig::new(24);
-    let small = rig.dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let o = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&small)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "this test mounts an 8 MiB tmpfs as the spool directory and needs root with CAP_SYS_ADMIN: {}",
-        text(&o)
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
-    rig.write_config(&rig.cluster.client_url(0), &small.join("spool"), "");
+    let small = Tmpfs::mount(rig.dir.path().join("small"), 8);
+    rig.write_config(&rig.cluster.client_url(0), &small.0.join("spool"), "");
     rig.start_daemon();
     rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
     let log = rig.log_text();
@@ -393,7 +402,7 @@ fn a_spool_filesystem_too_small_fails_cleanly_before_the_snapshot() {
         "{}",
         rig.tail()
     );
-    let left: Vec<_> = std::fs::read_dir(small.join("spool"))
+    let left: Vec<_> = std::fs::read_dir(small.0.join("spool"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "spool files left: {left:?}");
@@ -405,6 +414,54 @@ fn a_spool_filesystem_too_small_fails_cleanly_before_the_snapshot() {
         "",
     );
     rig.daemon.as_ref().unwrap().signal("HUP");
+    rig.assert_recovered("snapshot");
+}
+
+#[test]
+fn a_spool_filesystem_filling_up_mid_snapshot_fails_cleanly() {
+    let _g = serial();
+    let mut rig = Rig::new(24);
+    // Room for the snapshot when the cycle starts (the free-space check passes) ...
+    let fs = Tmpfs::mount(rig.dir.path().join("fills"), 80);
+    let spool = fs.0.join("spool");
+    // ... and a slow stream, so that something else can fill the disk during it.
+    let etcd = Proxy::for_url(&rig.cluster.client_url(0));
+    etcd.set(Fault::Throttle(3_000_000));
+    rig.write_config(&etcd.url(), &spool, "");
+    rig.start_daemon();
+    rig.wait_log("connected to etcd", 0, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    // Another process fills the filesystem.
+    let filler = fs.0.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    }
+    rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
+    let log = rig.log_text();
+    assert!(
+        log.contains("writing the spool file") && log.contains("check free space"),
+        "the failure does not name the spool write and what to do\n{}",
+        rig.tail()
+    );
+    assert!(
+        rig.failures("snapshot") >= 1.0,
+        "the failure was not counted under stage snapshot\n{}",
+        rig.tail()
+    );
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spool files left: {left:?}");
+    support::wait_until(
+        "the failed cycle's upload is aborted",
+        Duration::from_secs(30),
+        || rig.g.incomplete_multipart_uploads(&rig.bucket) == 0,
+    );
+    // The space comes back: the next cycle succeeds, on the same filesystem.
+    std::fs::remove_file(&filler).unwrap();
+    etcd.set(Fault::Pass);
     rig.assert_recovered("snapshot");
 }
 
