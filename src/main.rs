@@ -26,7 +26,27 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     }
 }
 
+/// Keeps buffers of 128 KiB and more (output chunks, upload parts, the spool buffer) in
+/// their own mappings, returned to the system when freed.
+///
+/// By default glibc raises this threshold after the first such buffer is freed; later ones
+/// then come from the heap arenas, whose freed memory stays resident. The peak RSS of a
+/// cycle grew with it over the first seconds of the stream: 42 MiB on a 4.4 GiB database
+/// against 38 MiB on 1.1 GiB. With a fixed threshold it is 35 MiB, at the same speed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fix_malloc_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
+    // exists, and a refusal (return 0) leaves the default in place, which is harmless.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_malloc_mmap_threshold() {}
+
 fn main() {
+    fix_malloc_mmap_threshold();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log_level.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Channels are bounded, so memory stays flat whatever the database size: at most
-//! `RAW_QUEUE` snapshot chunks, one output chunk being filled, `OUT_QUEUE` output chunks
-//! waiting, and the uploader's parts in flight.
+//! `RAW_QUEUE` + `SPOOL_QUEUE` snapshot chunks, one output chunk being filled, `OUT_QUEUE`
+//! output chunks waiting, and the uploader's parts in flight.
 
 use crate::compress::Compression;
 use crate::crypt::Sealer;
@@ -21,6 +21,9 @@ use tokio::sync::mpsc;
 
 /// Snapshot chunks (32 KiB each from etcd) queued for the pipeline thread.
 pub const RAW_QUEUE: usize = 64;
+/// Snapshot chunks queued for the spool thread. Small: the compressor may run only a little
+/// ahead of the spool.
+pub const SPOOL_QUEUE: usize = 8;
 /// Compressed chunks queued for the uploader.
 pub const OUT_QUEUE: usize = 4;
 /// Size of the chunks handed to the uploader.
@@ -225,7 +228,7 @@ pub fn run(
         .encoder(sealer, level)
         .map_err(PipelineError::Compress)?;
     std::thread::scope(|scope| {
-        let (spool_tx, spool_rx) = std::sync::mpsc::sync_channel::<Bytes>(RAW_QUEUE);
+        let (spool_tx, spool_rx) = std::sync::mpsc::sync_channel::<Bytes>(SPOOL_QUEUE);
         let spooler = scope.spawn(move || spool_and_check(&spool_rx, spool, spool_path));
         let mut compressed = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
