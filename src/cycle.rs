@@ -142,6 +142,20 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
             }
         }
     };
+    // A cycle that fails while its term is gone failed because of what ended the term: a
+    // pause or a partition past the lease also starves the snapshot stream, and whichever
+    // notices first must not decide how the failure is reported.
+    if let (Err(e), Some(t)) = (&mut result, input.term) {
+        if !e.fenced && (t.lost().is_cancelled() || t.remaining().is_zero()) {
+            *e = CycleError::fenced(
+                e.stage,
+                format!(
+                    "this node lost the leadership during the cycle (paused or cut off from etcd past its lease); the cycle is aborted and another node takes over the backups. It had failed with: {}",
+                    e.message
+                ),
+            );
+        }
+    }
     if let Some(up) = upload.take() {
         let key = up.key().to_string();
         match up.abort().await {
