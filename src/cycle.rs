@@ -146,7 +146,7 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
     // pause or a partition past the lease also starves the snapshot stream, and whichever
     // notices first must not decide how the failure is reported.
     if let (Err(e), Some(t)) = (&mut result, input.term) {
-        if !e.fenced && (t.lost().is_cancelled() || t.remaining().is_zero()) {
+        if !e.fenced && t.has_ended() {
             *e = CycleError::fenced(
                 e.stage,
                 format!(

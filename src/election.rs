@@ -140,6 +140,12 @@ impl Term {
         &self.lost
     }
 
+    /// Whether the term is over: marked lost, or past its local deadline (the lease may have
+    /// expired in etcd, whether or not the keep-alive loop has noticed yet).
+    pub fn has_ended(&self) -> bool {
+        self.lost.is_cancelled() || self.remaining().is_zero()
+    }
+
     /// Time left until the lease may expire, by the local conservative deadline.
     pub fn remaining(&self) -> Duration {
         let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
