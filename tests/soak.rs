@@ -179,37 +179,29 @@ fn soak() {
         let leader = f.leaders(&all).first().copied();
         let action = rng.below(8);
         let name = match action {
-            0 => {
-                let d = rng.secs(3, 10);
-                println!("{} S3 refuses connections for {d:?}", stamp(start));
-                s3.set(Fault::Refuse);
+            0..=3 => {
+                let (fault, (lo, hi), what, name) = match action {
+                    0 => (Fault::Refuse, (3, 10), "refuses connections", "s3 refuse"),
+                    1 => (
+                        Fault::CutAfter(1 << 20),
+                        (3, 10),
+                        "cuts connections after 1 MiB",
+                        "s3 cut",
+                    ),
+                    2 => (Fault::Stall, (3, 8), "stalls", "s3 stall"),
+                    _ => (
+                        Fault::Throttle(1_000_000),
+                        (5, 10),
+                        "crawls at 1 MB/s",
+                        "s3 slow",
+                    ),
+                };
+                let d = rng.secs(lo, hi);
+                println!("{} S3 {what} for {d:?}", stamp(start));
+                s3.set(fault);
                 std::thread::sleep(d);
                 s3.set(Fault::Pass);
-                "s3 refuse"
-            }
-            1 => {
-                let d = rng.secs(3, 10);
-                println!("{} S3 cuts connections after 1 MiB for {d:?}", stamp(start));
-                s3.set(Fault::CutAfter(1 << 20));
-                std::thread::sleep(d);
-                s3.set(Fault::Pass);
-                "s3 cut"
-            }
-            2 => {
-                let d = rng.secs(3, 8);
-                println!("{} S3 stalls for {d:?}", stamp(start));
-                s3.set(Fault::Stall);
-                std::thread::sleep(d);
-                s3.set(Fault::Pass);
-                "s3 stall"
-            }
-            3 => {
-                let d = rng.secs(5, 10);
-                println!("{} S3 crawls at 1 MB/s for {d:?}", stamp(start));
-                s3.set(Fault::Throttle(1_000_000));
-                std::thread::sleep(d);
-                s3.set(Fault::Pass);
-                "s3 slow"
+                name
             }
             4 | 7 if leader.is_some() => {
                 let l = leader.unwrap();
