@@ -10,36 +10,36 @@
 //!                                 spool file ──▶ verifier ──▶ complete upload ──▶ manifest (commit)
 //! ```
 //!
-//! # Modules
-//! Pure (decisions and formats, no I/O): [`config`] validation, [`naming`], [`manifest`],
-//! [`schedule`], [`verify`] (over a file, read-only), [`compress`].
-//! At the I/O edges: [`etcd`] (the only user of etcd-client), [`store`] (the only user of
-//! object_store), [`spool`], [`pipeline`]; orchestration: [`cycle`], [`daemon`],
-//! [`commands`].
+//! # Layers
+//! Imports run one way, from the top of this list to the bottom; `scripts/check-layers.py`
+//! checks it in CI.
+//!
+//! | layer | modules | what they hold |
+//! |---|---|---|
+//! | entry | [`commands`] (with [`commands::cli`]) | the subcommands: load, call, print |
+//! | service | [`daemon`] (scheduler loop, [`daemon::http`], [`daemon::metrics`]) | the long-running process |
+//! | paths | [`backup`] (the write path), [`restore`] (the read path, drills), [`retention`] (policy and prune) | one operation each |
+//! | edges | [`store`] (object_store, key naming, manifests), [`etcd`] (etcd-client, election) | all network I/O |
+//! | core | [`config`], [`codec`], [`verify`] | configuration, byte transforms, the bbolt verifier |
+//! | base | [`error`], [`units`], [`schedule`], [`progress`], [`systemd`] | small shared pieces |
+//!
+//! Pure (decisions and formats, no I/O): [`config`] validation, [`store::naming`],
+//! [`store::manifest`], [`schedule`], [`retention`]'s plan, [`verify`] (over a file,
+//! read-only), [`codec`]. Only [`etcd`] uses etcd-client and only [`store`] uses
+//! object_store.
 
-pub mod cli;
+pub mod backup;
+pub mod codec;
 pub mod commands;
-pub mod compress;
 pub mod config;
-pub mod crypt;
-pub mod cycle;
 pub mod daemon;
-pub mod digest;
-pub mod drill;
-pub mod election;
 pub mod error;
 pub mod etcd;
-pub mod http;
-pub mod manifest;
-pub mod metrics;
-pub mod naming;
-pub mod pipeline;
 pub mod progress;
-pub mod prune;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
-pub mod spool;
 pub mod store;
 pub mod systemd;
+pub mod units;
 pub mod verify;

@@ -2,8 +2,8 @@
 //! the outcome to an exit code (0 success, 1 failure, 2 bad configuration or usage).
 
 use clap::Parser;
-use etcd_backup::cli::{Cli, LogFormat};
 use etcd_backup::commands;
+use etcd_backup::commands::cli::{Cli, LogFormat};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 

@@ -81,9 +81,9 @@ impl Progress {
             eprintln!(
                 "{}: {} of {}{pct}, {}/s",
                 self.what,
-                crate::commands::human_bytes(p.done),
-                crate::commands::human_bytes(p.total),
-                crate::commands::human_bytes(rate as u64)
+                crate::units::human_bytes(p.done),
+                crate::units::human_bytes(p.total),
+                crate::units::human_bytes(rate as u64)
             );
         }
     }

@@ -11,7 +11,7 @@
 
 pub mod secret;
 
-use crate::compress::Compression;
+use crate::codec::compress::Compression;
 use crate::schedule::Schedule;
 use chrono_tz::Tz;
 pub use secret::Secret;
@@ -367,23 +367,6 @@ pub struct RetentionConfig {
     pub min_keep: u32,
     /// One prune deletes at most this many backups.
     pub max_delete_per_run: u32,
-}
-
-impl RetentionConfig {
-    /// The policy, with periods evaluated in `tz`.
-    pub fn policy(&self, tz: Tz) -> crate::retention::RetentionPolicy {
-        crate::retention::RetentionPolicy {
-            keep_last: self.keep_last,
-            keep_hourly: self.keep_hourly,
-            keep_daily: self.keep_daily,
-            keep_weekly: self.keep_weekly,
-            keep_monthly: self.keep_monthly,
-            max_age: self.max_age,
-            min_keep: self.min_keep,
-            max_delete_per_run: self.max_delete_per_run,
-            timezone: tz,
-        }
-    }
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -961,7 +944,7 @@ impl Config {
 
     fn backup_from_raw(r: raw::Backup, p: &mut Problems) -> BackupConfig {
         let cluster_name = r.cluster_name.unwrap_or_else(|| "kubernetes".to_string());
-        if !crate::naming::is_valid_cluster_name(&cluster_name) {
+        if !is_valid_cluster_name(&cluster_name) {
             p.push(
                 "backup.cluster_name",
                 format!("{cluster_name:?} must be 1-63 characters of a-z, A-Z, 0-9, '-', '_' or '.' (it becomes part of object names)"),
@@ -1071,7 +1054,7 @@ impl Config {
         let mut recipients = r.recipients.unwrap_or_default();
         let recipients_file = r.recipients_file.map(PathBuf::from);
         if let Some(f) = &recipients_file {
-            match crate::crypt::read_recipients_file(f) {
+            match crate::codec::crypt::read_recipients_file(f) {
                 Ok(more) if more.is_empty() => p.push(
                     "encryption.recipients_file",
                     format!("{} lists no recipient", f.display()),
@@ -1086,7 +1069,7 @@ impl Config {
                     "encryption.recipients",
                     "holds a secret key (AGE-SECRET-KEY-…); list public keys (age1…) here and keep the identity in identity_file (the value is not shown)",
                 );
-            } else if let Err(e) = crate::crypt::parse_recipient(r) {
+            } else if let Err(e) = crate::codec::crypt::parse_recipient(r) {
                 p.push("encryption.recipients", e);
             }
         }
@@ -1126,7 +1109,7 @@ impl Config {
                 "must be whole seconds from 2s to 300s (etcd lease TTLs are in seconds); 15s suits most clusters",
             );
         }
-        let node_name = r.node_name.unwrap_or_else(crate::cycle::hostname);
+        let node_name = r.node_name.unwrap_or_else(hostname);
         if node_name.is_empty()
             || node_name.len() > 128
             || node_name
@@ -1390,9 +1373,43 @@ fn clean_config_error(msg: &str, path: &Path) -> String {
     m
 }
 
+/// This node's host name, the default `[election] node_name`, recorded in manifests.
+pub fn hostname() -> String {
+    let h = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_string();
+    if h.is_empty() {
+        "unknown".to_string()
+    } else {
+        h
+    }
+}
+
+/// Whether a cluster name can be used as a path segment.
+pub fn is_valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_names() {
+        assert!(is_valid_cluster_name("kubernetes"));
+        assert!(is_valid_cluster_name("prod-eu_1.a"));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(64)] {
+            assert!(!is_valid_cluster_name(bad), "{bad}");
+        }
+    }
+
     use std::collections::HashMap;
     use std::io::Write;
 

@@ -1,7 +1,7 @@
 //! The manifest: the commit marker of a backup, written after the data object is complete
 //! and verified. A backup exists if and only if its manifest exists.
 
-use crate::compress::Compression;
+use crate::codec::compress::Compression;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 

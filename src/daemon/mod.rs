@@ -12,17 +12,20 @@
 //! reload (it finishes with the configuration it started with) but is aborted cleanly on
 //! shutdown.
 
+pub mod http;
+pub mod metrics;
+
+use crate::backup::spool;
+use crate::backup::{self, CycleInput};
 use crate::config::Config;
-use crate::cycle::{self, CycleInput};
-use crate::election::{self, Role, Term};
+use crate::daemon::metrics::{Metrics, Outcome, ResultLabels, StageLabels, StageValue};
+use crate::etcd::election::{self, Role, Term};
 use crate::etcd::Member;
-use crate::http::{self, HttpState, Readiness};
-use crate::metrics::{Metrics, Outcome, ResultLabels, StageLabels, StageValue};
 use crate::schedule::Schedule;
-use crate::spool;
 use crate::store::BackupStore;
 use crate::systemd::{self, Heartbeat};
 use chrono::{DateTime, Utc};
+use http::{HttpState, Readiness};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -339,7 +342,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         // The cycle keeps the configuration it started with, whatever a reload does.
         let cycle_state = state.clone();
         let endpoint = cycle_state.config.etcd.endpoints[0].clone();
-        let r = cycle::run(CycleInput {
+        let r = backup::run(CycleInput {
             config: &cycle_state.config,
             store: &cycle_state.store,
             endpoint: &endpoint,
@@ -462,7 +465,7 @@ async fn run_drills(
         tracing::info!("starting restore drill");
         let r = tokio::select! {
             () = cancel.cancelled() => return,
-            r = crate::drill::run(&s.config, &s.store, None) => r,
+            r = crate::restore::drill::run(&s.config, &s.store, None) => r,
         };
         match r {
             Ok(rep) => {
@@ -722,12 +725,12 @@ async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>
             return;
         }
     }
-    let policy = state
-        .config
-        .retention
-        .policy(state.config.schedule.timezone);
+    let policy = crate::retention::RetentionPolicy::from_config(
+        &state.config.retention,
+        state.config.schedule.timezone,
+    );
     let started = std::time::Instant::now();
-    match crate::prune::prune(
+    match crate::retention::prune::prune(
         &state.store,
         &policy,
         Utc::now(),

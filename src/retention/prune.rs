@@ -10,8 +10,8 @@
 //! else is counted and left alone. A deletion that fails is logged and retried at the next
 //! prune, never in a loop.
 
-use crate::naming::BackupId;
 use crate::retention::{self, Action, BackupSummary, PrunePlan, RetentionPolicy};
+use crate::store::naming::BackupId;
 use crate::store::{BackupStore, StoreError};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -111,9 +111,8 @@ pub async fn prune(
         .iter()
         .filter_map(|(k, _)| store.layout().classify(k))
         .map(|k| match k {
-            crate::naming::ObjectKind::Manifest(id) | crate::naming::ObjectKind::Data(id) => {
-                id.to_string()
-            }
+            crate::store::naming::ObjectKind::Manifest(id)
+            | crate::store::naming::ObjectKind::Data(id) => id.to_string(),
         })
         .collect();
     let cutoff = now - chrono::Duration::from_std(orphan_age).unwrap_or(chrono::Duration::days(1));

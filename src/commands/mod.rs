@@ -1,11 +1,15 @@
 //! The subcommands: load what they need, call the library, print the result.
 
-use crate::cli::{Command, ConfigArg};
+pub mod cli;
+
+use crate::backup::spool;
+use crate::backup::{self, CycleInput};
+use crate::commands::cli::{Command, ConfigArg};
 use crate::config::{Config, ConfigError};
-use crate::cycle::{self, CycleInput};
-use crate::manifest::Manifest;
+use crate::store::manifest::Manifest;
 use crate::store::BackupStore;
-use crate::{daemon, restore as fetch, spool, verify};
+use crate::units::human_bytes;
+use crate::{daemon, restore as fetch, verify};
 use serde::Serialize;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +87,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
         } => {
             let cfg = Config::load(&config.config)?;
             let member = data_dir.map(|dir| {
-                let name = name.unwrap_or_else(crate::cycle::hostname);
+                let name = name.unwrap_or_else(crate::config::hostname);
                 let peer = peer_url.unwrap_or_default();
                 let cluster = initial_cluster.unwrap_or_else(|| format!("{name}={peer}"));
                 RestoreMember {
@@ -104,7 +108,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             prune(&cfg, dry_run, json).await
         }
         Command::Keygen { output } => {
-            let recipient = crate::crypt::keygen(&output).map_err(failed)?;
+            let recipient = crate::codec::crypt::keygen(&output).map_err(failed)?;
             println!("{recipient}");
             eprintln!(
                 "wrote the identity (secret key) to {}; put the public key above into [encryption] recipients and keep the file safe: without it encrypted backups cannot be restored",
@@ -115,7 +119,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
         Command::Drill { config, identity } => {
             let cfg = Config::load(&config.config)?;
             let store = open_store(&cfg)?;
-            let rep = crate::drill::run(&cfg, &store, identity.as_deref())
+            let rep = crate::restore::drill::run(&cfg, &store, identity.as_deref())
                 .await
                 .map_err(|e| failed(format!("restore drill failed: {e}")))?;
             match (&rep.served_keys, &rep.not_restored) {
@@ -169,7 +173,7 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
         })
     };
     let progress = crate::progress::Progress::new("snapshot");
-    let r = cycle::run(CycleInput {
+    let r = backup::run(CycleInput {
         config: cfg,
         store: &store,
         endpoint: &endpoint,
@@ -232,13 +236,13 @@ impl<'a> From<&'a Manifest> for ListEntry<'a> {
 }
 
 /// The leader as seen through the first endpoint that answers.
-async fn find_leader(cfg: &Config) -> Result<Option<crate::election::LeaderView>, String> {
+async fn find_leader(cfg: &Config) -> Result<Option<crate::etcd::election::LeaderView>, String> {
     let name = cfg.election.election_name(&cfg.backup.cluster_name);
     let mut errors = Vec::new();
     for endpoint in &cfg.etcd.endpoints {
         let r = async {
             let m = crate::etcd::Member::connect(&cfg.etcd, endpoint).await?;
-            crate::election::current_leader(&m, &name).await
+            crate::etcd::election::current_leader(&m, &name).await
         }
         .await;
         match r {
@@ -468,8 +472,9 @@ async fn verify_file(path: &std::path::Path, json: bool) -> Result<(), CommandEr
 
 async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandError> {
     let store = open_store(cfg)?;
-    let policy = cfg.retention.policy(cfg.schedule.timezone);
-    let outcome = crate::prune::prune(
+    let policy =
+        crate::retention::RetentionPolicy::from_config(&cfg.retention, cfg.schedule.timezone);
+    let outcome = crate::retention::prune::prune(
         &store,
         &policy,
         chrono::Utc::now(),
@@ -530,7 +535,9 @@ async fn verify_backups(
     json: bool,
     identity: Option<&std::path::Path>,
 ) -> Result<(), CommandError> {
-    let identities = crate::crypt::identities_for(&cfg.encryption, identity).map_err(failed)?;
+    let identities =
+        crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)
+            .map_err(failed)?;
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
     let chosen: Vec<&Manifest> = if all {
@@ -611,7 +618,9 @@ async fn restore(
     member: Option<RestoreMember>,
     identity: Option<&std::path::Path>,
 ) -> Result<(), CommandError> {
-    let identities = crate::crypt::identities_for(&cfg.encryption, identity).map_err(failed)?;
+    let identities =
+        crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)
+            .map_err(failed)?;
     if let Some(RestoreMember { dir: d, .. }) = &member {
         if d.exists() {
             return Err(failed(format!(
@@ -678,7 +687,7 @@ async fn restore(
 /// Writes `man/etcd-backup.1`, one page per subcommand, and bash/zsh/fish completions.
 fn gen_docs(out: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory;
-    let cmd = crate::cli::Cli::command();
+    let cmd = crate::commands::cli::Cli::command();
     let man = out.join("man");
     let comp = out.join("completions");
     std::fs::create_dir_all(&man)?;
@@ -699,37 +708,13 @@ fn gen_docs(out: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sizes for people: 1023 B, 1.5 KiB, 139.2 MiB.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn human_sizes() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(139 * 1024 * 1024 + 200 * 1024), "139.2 MiB");
-    }
-
-    #[test]
     fn list_json_uses_the_stable_field_names() {
-        let m = crate::manifest::sample("20260102T030405Z-0a1b2c", chrono::Utc::now());
+        let m = crate::store::manifest::sample("20260102T030405Z-0a1b2c", chrono::Utc::now());
         let v = serde_json::to_value(ListEntry::from(&m)).unwrap();
         for k in [
             "id",

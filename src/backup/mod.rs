@@ -15,18 +15,21 @@
 //! Every way out before the commit — an error, the cycle timeout, cancellation — aborts the
 //! multipart upload and removes the spool file, so a failed cycle leaves nothing behind.
 
+pub mod pipeline;
+pub mod spool;
+
+use crate::backup::spool::SpoolFile;
 use crate::config::Config;
-use crate::election::Term;
 use crate::error::{CycleError, Stage};
+use crate::etcd::election::Term;
 use crate::etcd::Member;
-use crate::manifest::{Encryption, Manifest, Verification, FORMAT_VERSION};
-use crate::naming::BackupId;
-use crate::pipeline::{self, PipelineError};
-use crate::spool::SpoolFile;
+use crate::store::manifest::{Encryption, Manifest, Verification, FORMAT_VERSION};
+use crate::store::naming::BackupId;
 use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
 use crate::verify::{self, VerifyOptions};
 use chrono::{DateTime, Utc};
+use pipeline::PipelineError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -126,7 +129,7 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
                     format!(
                         "the cycle did not finish within {} (backup.timeout plus backup.timeout_per_gib for a {} database); raise them for slow links",
                         humantime::format_duration(Duration::from_secs(timeout.as_secs())),
-                        crate::commands::human_bytes(db_size.load(Ordering::Relaxed)),
+                        crate::units::human_bytes(db_size.load(Ordering::Relaxed)),
                     ),
                 )),
                 _ = beat.tick() => {
@@ -197,7 +200,7 @@ async fn stages(
 
     let size = u64::try_from(status.db_size).unwrap_or(0);
     db_size.store(size, Ordering::Relaxed);
-    crate::spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
+    crate::backup::spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
     fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {
@@ -207,7 +210,7 @@ async fn stages(
             ))
         })?;
 
-    let recipients = crate::crypt::parse_recipients(&cfg.encryption.recipients)
+    let recipients = crate::codec::crypt::parse_recipients(&cfg.encryption.recipients)
         .map_err(|e| snap_err(&format!("[encryption] recipients: {e}")))?;
     let suffix = format!(
         "{}{}",
@@ -215,7 +218,7 @@ async fn stages(
         if recipients.is_empty() {
             ""
         } else {
-            crate::crypt::SUFFIX
+            crate::codec::crypt::SUFFIX
         }
     );
     let data_key = input.store.layout().data_key(&id, &suffix);
@@ -372,7 +375,7 @@ async fn stages(
         slot: input.slot,
         fencing_token: input.term.map(Term::token),
         encryption: cfg.encryption.enabled().then(|| Encryption {
-            method: crate::crypt::METHOD_AGE.to_string(),
+            method: crate::codec::crypt::METHOD_AGE.to_string(),
             recipients: cfg.encryption.recipients.clone(),
         }),
     };
@@ -402,17 +405,4 @@ async fn stages(
             commit: commit_time,
         },
     })
-}
-
-/// This node's host name, for the manifest.
-pub fn hostname() -> String {
-    let h = gethostname::gethostname()
-        .to_string_lossy()
-        .trim()
-        .to_string();
-    if h.is_empty() {
-        "unknown".to_string()
-    } else {
-        h
-    }
 }

@@ -12,9 +12,9 @@
 //! `RAW_QUEUE` + `SPOOL_QUEUE` snapshot chunks, one output chunk being filled, `OUT_QUEUE`
 //! output chunks waiting, and the uploader's parts in flight.
 
-use crate::compress::Compression;
-use crate::crypt::Sealer;
-use crate::digest::Sha256;
+use crate::codec::compress::Compression;
+use crate::codec::crypt::Sealer;
+use crate::codec::digest::Sha256;
 use bytes::Bytes;
 use std::io::{self, Write};
 use tokio::sync::mpsc;

@@ -2,7 +2,7 @@
 //! loop are alive) and `/readyz` (configuration loaded, local etcd member and store reachable;
 //! a JSON body says why not).
 
-use crate::metrics::Metrics;
+use crate::daemon::metrics::Metrics;
 use crate::systemd::Heartbeat;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -61,7 +61,7 @@ async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> impl IntoRes
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            crate::metrics::to_prometheus_text(&text),
+            crate::daemon::metrics::to_prometheus_text(&text),
         )
     }
 }

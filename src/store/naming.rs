@@ -91,17 +91,6 @@ impl FromStr for BackupId {
     }
 }
 
-/// Whether a cluster name can be used as a path segment.
-pub fn is_valid_cluster_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
 /// What an object under the cluster's directory is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectKind {
@@ -154,7 +143,7 @@ impl Layout {
             n if [".zst", ".gz", ""].iter().any(|s| {
                 let rest = n.strip_prefix(SNAPSHOT_STEM);
                 rest == Some(s)
-                    || rest.and_then(|r| r.strip_suffix(crate::crypt::SUFFIX)) == Some(s)
+                    || rest.and_then(|r| r.strip_suffix(crate::codec::crypt::SUFFIX)) == Some(s)
             }) =>
             {
                 Some(ObjectKind::Data(id))
@@ -222,15 +211,6 @@ mod tests {
             assert_eq!(l.classify(foreign), None, "{foreign}");
         }
         assert_eq!(Layout::new("", "c").base(), "c");
-    }
-
-    #[test]
-    fn cluster_names() {
-        assert!(is_valid_cluster_name("kubernetes"));
-        assert!(is_valid_cluster_name("prod-eu_1.a"));
-        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(64)] {
-            assert!(!is_valid_cluster_name(bad), "{bad}");
-        }
     }
 
     proptest! {

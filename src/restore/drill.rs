@@ -8,8 +8,8 @@
 //! 3. stop it and remove everything, on every way out.
 
 use crate::config::Config;
-use crate::manifest::Manifest;
 use crate::restore;
+use crate::store::manifest::Manifest;
 use crate::store::BackupStore;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -67,7 +67,8 @@ pub async fn run(
     identity: Option<&std::path::Path>,
 ) -> Result<DrillReport, String> {
     let started = Instant::now();
-    let identities = crate::crypt::identities_for(&cfg.encryption, identity)?;
+    let identities =
+        crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)?;
     let (_, newest) = store.newest().await.map_err(|e| e.to_string())?;
     let m = newest.ok_or("there is no committed backup to drill")?;
     let dir = cfg
@@ -186,33 +187,23 @@ async fn restore_and_check(
 async fn check(endpoint: &str, m: &Manifest) -> Result<u64, String> {
     let mut last_err = String::new();
     for _ in 0..200 {
-        match etcd_client::Client::connect([endpoint], None).await {
-            Ok(mut c) => {
-                let opts = etcd_client::GetOptions::new()
-                    .with_all_keys()
-                    .with_count_only();
-                match c.get("", Some(opts)).await {
-                    Ok(resp) => {
-                        let revision = resp.header().map_or(0, |h| h.revision());
-                        let count = resp.count() as u64;
-                        if revision != m.revision {
-                            return Err(format!(
-                                "the restored etcd is at revision {revision}, the manifest says {}",
-                                m.revision
-                            ));
-                        }
-                        if count != m.verification.live_keys {
-                            return Err(format!(
-                                "the restored etcd serves {count} keys, the manifest says {}",
-                                m.verification.live_keys
-                            ));
-                        }
-                        return Ok(count);
-                    }
-                    Err(e) => last_err = e.to_string(),
+        match crate::etcd::revision_and_key_count(endpoint).await {
+            Ok((revision, count)) => {
+                if revision != m.revision {
+                    return Err(format!(
+                        "the restored etcd is at revision {revision}, the manifest says {}",
+                        m.revision
+                    ));
                 }
+                if count != m.verification.live_keys {
+                    return Err(format!(
+                        "the restored etcd serves {count} keys, the manifest says {}",
+                        m.verification.live_keys
+                    ));
+                }
+                return Ok(count);
             }
-            Err(e) => last_err = e.to_string(),
+            Err(e) => last_err = e,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -131,16 +131,16 @@ impl Identities {
     }
 }
 
-/// The identities to decrypt with: `flag` (`--identity`) or else `[encryption]
-/// identity_file`; `None` when neither is set.
+/// The identities to decrypt with: `flag` (`--identity`) or else `configured` (`[encryption]
+/// identity_file`); `None` when neither is set.
 ///
 /// # Errors
 /// When the file cannot be used (see [`Identities::load`]).
 pub fn identities_for(
-    cfg: &crate::config::EncryptionConfig,
+    configured: Option<&Path>,
     flag: Option<&Path>,
 ) -> Result<Option<Identities>, String> {
-    match flag.or(cfg.identity_file.as_deref()) {
+    match flag.or(configured) {
         None => Ok(None),
         Some(p) => Identities::load(p).map(Some),
     }

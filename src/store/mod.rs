@@ -7,10 +7,13 @@
 //! - the manifest is written only after the data object is complete, and it is what makes
 //!   a backup exist: [`BackupStore::list`] reports only backups with a readable manifest.
 
+pub mod manifest;
+pub mod naming;
+
 use crate::config::{StorageConfig, StorageUrl};
 use crate::error::flatten;
-use crate::manifest::Manifest;
-use crate::naming::{BackupId, Layout, ObjectKind};
+use crate::store::manifest::Manifest;
+use crate::store::naming::{BackupId, Layout, ObjectKind};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
@@ -760,7 +763,7 @@ mod tests {
             .unwrap();
         up.put(Bytes::from_static(b"data")).await.unwrap();
         up.finish().await.unwrap();
-        let mut m = crate::manifest::sample(&id_c.to_string(), id_c.time());
+        let mut m = crate::store::manifest::sample(&id_c.to_string(), id_c.time());
         m.object = l.data_key(&id_c, ".zst");
         store.put_manifest(&id_c, &m).await.unwrap();
 

@@ -5,6 +5,8 @@
 //! member. Status is read through the same client, so the revision and sizes recorded in the
 //! manifest describe the member that served the snapshot.
 
+pub mod election;
+
 use crate::config::EtcdConfig;
 use bytes::Bytes;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
@@ -78,6 +80,23 @@ pub struct MemberStatus {
     pub member_name: String,
     /// Errors the member reports (alarms such as NOSPACE).
     pub errors: Vec<String>,
+}
+
+/// The revision and the number of keys an etcd without TLS or auth serves at `endpoint`
+/// (a throwaway member, such as a restore drill's).
+///
+/// # Errors
+/// The client's message when the member cannot be reached or read.
+pub async fn revision_and_key_count(endpoint: &str) -> Result<(i64, u64), String> {
+    let mut c = Client::connect([endpoint], None)
+        .await
+        .map_err(|e| describe(&e))?;
+    let opts = etcd_client::GetOptions::new()
+        .with_all_keys()
+        .with_count_only();
+    let resp = c.get("", Some(opts)).await.map_err(|e| describe(&e))?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok((revision, resp.count() as u64))
 }
 
 /// A connection to one etcd member.

@@ -79,9 +79,9 @@ pub fn ensure_space(dir: &Path, db_size: u64) -> Result<(), String> {
         return Err(format!(
             "backup.spool_dir {} has {} free, but the snapshot needs about {} (the etcd database is {}); free some space, point backup.spool_dir at a larger filesystem, or defragment etcd",
             dir.display(),
-            crate::commands::human_bytes(free),
-            crate::commands::human_bytes(needed),
-            crate::commands::human_bytes(db_size)
+            crate::units::human_bytes(free),
+            crate::units::human_bytes(needed),
+            crate::units::human_bytes(db_size)
         ));
     }
     Ok(())

@@ -25,6 +25,8 @@
 //! Order is by the backups' timestamps (ties broken by id), never by names; the input order
 //! does not matter.
 
+pub mod prune;
+
 use chrono::{DateTime, Datelike, Offset, Timelike, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
@@ -75,6 +77,23 @@ impl Default for RetentionPolicy {
             min_keep: 3,
             max_delete_per_run: 100,
             timezone: Tz::UTC,
+        }
+    }
+}
+
+impl RetentionPolicy {
+    /// The policy of `[retention]`, with periods evaluated in `tz`.
+    pub fn from_config(cfg: &crate::config::RetentionConfig, tz: chrono_tz::Tz) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: cfg.keep_last,
+            keep_hourly: cfg.keep_hourly,
+            keep_daily: cfg.keep_daily,
+            keep_weekly: cfg.keep_weekly,
+            keep_monthly: cfg.keep_monthly,
+            max_age: cfg.max_age,
+            min_keep: cfg.min_keep,
+            max_delete_per_run: cfg.max_delete_per_run,
+            timezone: tz,
         }
     }
 }

@@ -2,9 +2,11 @@
 //! the raw snapshot's size and sha256 against the manifest, write it to a file, and run the
 //! verifier on it. Shared by `restore` and `verify`.
 
-use crate::crypt::Identities;
-use crate::digest::Sha256;
-use crate::manifest::Manifest;
+pub mod drill;
+
+use crate::codec::crypt::Identities;
+use crate::codec::digest::Sha256;
+use crate::store::manifest::Manifest;
 use crate::store::{BackupStore, Listing};
 use crate::verify::{self, VerifyOptions, VerifyReport};
 use futures::TryStreamExt;
@@ -112,7 +114,7 @@ pub async fn fetch_to_file(
                 ),
             });
         };
-        if enc.method != crate::crypt::METHOD_AGE {
+        if enc.method != crate::codec::crypt::METHOD_AGE {
             return Err(RestoreError::Locked {
                 id: m.id.clone(),
                 detail: format!(

@@ -323,7 +323,7 @@ impl Metrics {
     /// Records a finished cycle.
     pub fn observe_cycle(
         &self,
-        result: &Result<crate::cycle::CycleReport, crate::error::CycleError>,
+        result: &Result<crate::backup::CycleReport, crate::error::CycleError>,
     ) {
         match result {
             Ok(rep) => {
