@@ -4,7 +4,7 @@
 # cutting, stalling, crawling; the leader SIGKILLed, SIGTERMed and paused past its lease;
 # etcd members killed) for DURATION; then the audit (every backup verifies, the newest
 # restores, one backup per slot, no overlapping cycles, no orphans or incomplete uploads,
-# daemon memory and open files bounded). The test lives in tests/soak.rs; CI runs it for
+# daemon memory and open files bounded). The test lives in tests/it/soak.rs; CI runs it for
 # 2 minutes on a 10-second schedule.
 #
 # Usage: bash scripts/soak.sh DURATION [SEED]     DURATION like 30m, 1h, 600s
@@ -22,4 +22,4 @@ bash scripts/install-deps.sh --no-promtool
 eval "$(bash scripts/install-deps.sh --print-env)"
 export EB_SOAK_SECS="$SECS" EB_SOAK_CRON="${EB_SOAK_CRON:-0 * * * * *}"
 if [ -n "${2:-}" ]; then export EB_SOAK_SEED="$2"; fi
-exec cargo test --locked --test soak -- --nocapture
+exec cargo test --locked --test it soak:: -- --nocapture

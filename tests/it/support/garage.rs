@@ -196,6 +196,25 @@ impl Garage {
             .unwrap_or_else(|| panic!("no unfinishedMultipartUploads in {v}")) as usize
     }
 
+    /// Waits until `bucket` has `want` unfinished multipart uploads: Garage updates that
+    /// count in the background, so it lags a create or an abort, more so under load.
+    /// Panics with the last count after 20 s.
+    pub fn wait_incomplete_uploads(&self, bucket: &str, want: usize) {
+        let start = std::time::Instant::now();
+        loop {
+            let n = self.incomplete_multipart_uploads(bucket);
+            if n == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "bucket {bucket} still has {n} unfinished multipart uploads after 20 s, want {want}; Garage log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// The server log's tail.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

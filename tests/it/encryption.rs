@@ -3,15 +3,15 @@
 //! checksums against a real S3 server (Garage), and a scan of every output for the secrets
 //! the run used.
 
-mod support;
+use crate::support;
 
+use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::garage::garage;
+use crate::support::text;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
-use support::garage::garage;
-use support::text;
 
 /// A value written to etcd that must never appear in an encrypted stored object.
 const MARKER: &str = "plaintext-marker-5f1c2e9a-must-not-be-stored";

@@ -3,17 +3,15 @@
 //! uses; exact survivors, `--dry-run`, foreign objects, orphans, dangling manifests and an
 //! interrupted prune.
 
-mod support;
-
+use crate::support::garage::garage;
 use bytes::Bytes;
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use etcd_backup::manifest::Manifest;
-use etcd_backup::naming::BackupId;
+use etcd_backup::store::manifest::Manifest;
+use etcd_backup::store::naming::BackupId;
 use etcd_backup::store::BackupStore;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
-use support::garage::garage;
 
 struct Env {
     store: BackupStore,
@@ -193,7 +191,7 @@ async fn exact_survivors_dry_run_and_foreign_objects() {
     // Pruning again deletes nothing more.
     let again = prune_cli(&env, &[]);
     assert_eq!(again["deleted"].as_array().unwrap().len(), 0);
-    assert_eq!(garage().incomplete_multipart_uploads(&env.bucket), 0);
+    garage().wait_incomplete_uploads(&env.bucket, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -323,11 +321,11 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
         drop(up); // neither completed nor aborted
     }
     let g = garage();
-    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 3);
+    g.wait_incomplete_uploads(&env.bucket, 3);
     let policy = etcd_backup::retention::RetentionPolicy::default();
     // Young uploads may belong to a running cycle: left alone.
     let now = Utc::now();
-    let o = etcd_backup::prune::prune(
+    let o = etcd_backup::retention::prune::prune(
         &env.store,
         &policy,
         now,
@@ -337,10 +335,10 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
     .await
     .unwrap();
     assert!(o.uploads_aborted.is_empty(), "{o:?}");
-    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 3);
+    g.wait_incomplete_uploads(&env.bucket, 3);
     // Two days later they are stale: ours are aborted, the foreign one stays.
     let later = now + Duration::days(2);
-    let dry = etcd_backup::prune::prune(
+    let dry = etcd_backup::retention::prune::prune(
         &env.store,
         &policy,
         later,
@@ -355,7 +353,7 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
         3,
         "a dry run aborts nothing"
     );
-    let o = etcd_backup::prune::prune(
+    let o = etcd_backup::retention::prune::prune(
         &env.store,
         &policy,
         later,
@@ -366,5 +364,5 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
     .unwrap();
     assert_eq!(o.uploads_aborted.len(), 2, "{o:?}");
     assert!(o.failed.is_empty(), "{o:?}");
-    assert_eq!(g.incomplete_multipart_uploads(&env.bucket), 1);
+    g.wait_incomplete_uploads(&env.bucket, 1);
 }

@@ -7,17 +7,17 @@
 //! the failure was counted by stage, no incomplete multipart upload remains, no manifest
 //! lacks its object, and every committed backup verifies.
 
-mod support;
+use crate::support;
 
+use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::garage::{garage, Garage};
+use crate::support::proxy::{Fault, Proxy};
+use crate::support::text;
+use crate::support::{metric, ChildProc};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
-use support::garage::{garage, Garage};
-use support::proxy::{Fault, Proxy};
-use support::text;
-use support::{metric, ChildProc};
 
 /// Two cores: one scenario at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -273,7 +273,11 @@ fn s3_stalling_past_the_timeout_fails_in_bounded_time_and_cleans_up_after() {
         rig.log_text()
             .contains("could not abort the incomplete upload")
     });
-    assert!(rig.g.incomplete_multipart_uploads(&rig.bucket) >= 1);
+    support::wait_until(
+        "the unaborted upload to show in the bucket",
+        Duration::from_secs(20),
+        || rig.g.incomplete_multipart_uploads(&rig.bucket) >= 1,
+    );
     rig.s3.set(Fault::Pass);
     rig.assert_recovered("upload");
     assert!(
@@ -406,7 +410,7 @@ fn a_spool_filesystem_too_small_fails_cleanly_before_the_snapshot() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "spool files left: {left:?}");
-    assert_eq!(rig.g.incomplete_multipart_uploads(&rig.bucket), 0);
+    rig.g.wait_incomplete_uploads(&rig.bucket, 0);
     // A reload pointing the spool at a larger filesystem: the next cycle succeeds.
     rig.write_config(
         &rig.cluster.client_url(0),

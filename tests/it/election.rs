@@ -5,12 +5,12 @@
 //! scheduled slot, no two committed cycles overlapping in time, and fencing tokens that never
 //! go backwards. Waits are derived from the configured lease TTL and cron period.
 
-mod support;
+use crate::support;
 
-use etcd_backup::manifest::Manifest;
+use crate::support::fleet::{Fleet, FleetOptions};
+use etcd_backup::store::manifest::Manifest;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::fleet::{Fleet, FleetOptions};
 
 /// The scenarios share two cores with three etcd members and three daemons each: one at a
 /// time.

@@ -2,12 +2,12 @@
 //! daemon binary; `promtool` (from Debian's prometheus package) checks the exposition and
 //! unit-tests the rules.
 
-mod support;
+use crate::support;
 
+use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 
 fn promtool() -> PathBuf {
     let p = std::env::var_os("EB_PROMTOOL")

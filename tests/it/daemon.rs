@@ -1,14 +1,14 @@
 //! The daemon as systemd runs it: the notify protocol on a real `NOTIFY_SOCKET`, SIGHUP
 //! reloads (good and broken files), and SIGTERM in the middle of an upload.
 
-mod support;
+use crate::support;
 
+use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::garage::garage;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
-use support::garage::garage;
 
 fn spawn_daemon(config: &Path, log: &Path, env: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
@@ -225,7 +225,7 @@ async fn sigterm_mid_upload_leaves_no_manifest_and_no_incomplete_upload() {
         listing.backups.is_empty() && listing.data_objects.is_empty(),
         "{listing:?}"
     );
-    assert_eq!(g.incomplete_multipart_uploads(&bucket), 0);
+    g.wait_incomplete_uploads(&bucket, 0);
     let left: Vec<_> = std::fs::read_dir(&spool)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

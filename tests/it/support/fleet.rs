@@ -3,7 +3,7 @@
 
 use super::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 use super::{metric, ChildProc};
-use etcd_backup::manifest::Manifest;
+use etcd_backup::store::manifest::Manifest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;

@@ -3,12 +3,10 @@
 //! size, and reject every kind of corruption with a message naming what and where (mutated
 //! files that must never panic are a property test in `src/verify/tests.rs`).
 
-mod support;
-
+use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 use etcd_backup::verify::{verify_bytes, verify_file, VerifyError, VerifyOptions};
 use std::path::Path;
 use std::sync::OnceLock;
-use support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
 
 const NO_TRAILER_CHECK: VerifyOptions = VerifyOptions {
     check_trailer: false,

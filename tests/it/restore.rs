@@ -1,13 +1,13 @@
 //! Getting backups back: `restore` and `verify` from the store, the restore drill (one-shot
 //! and scheduled in the daemon), against real etcd; a corrupted stored object is caught.
 
-mod support;
+use crate::support;
 
+use crate::support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::text;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
-use support::text;
 
 fn etcd_backup(args: &[&str], path_prefix: Option<&Path>) -> Output {
     let path = path_prefix.map(|p| {

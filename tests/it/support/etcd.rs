@@ -27,8 +27,6 @@ pub struct EtcdBins {
     pub etcdctl: PathBuf,
     /// The offline tool (3.5+ only).
     pub etcdutl: Option<PathBuf>,
-    /// Which version.
-    pub version: EtcdVersion,
 }
 
 impl EtcdBins {
@@ -64,7 +62,6 @@ impl EtcdBins {
             etcd,
             etcdctl: dir.join("etcdctl"),
             etcdutl: etcdutl.exists().then_some(etcdutl),
-            version: v,
         }
     }
 }
@@ -269,15 +266,6 @@ impl EtcdCluster {
         self.wait_healthy(i);
     }
 
-    /// Sends a signal (`STOP`, `CONT`, ...) to member `i`.
-    pub fn signal(&self, i: usize, sig: &str) {
-        self.members[i]
-            .proc
-            .as_ref()
-            .expect("member running")
-            .signal(sig);
-    }
-
     /// Runs etcdctl against member `i`.
     pub fn etcdctl(&self, i: usize, args: &[&str]) -> Output {
         let mut cmd = Command::new(&self.bins.etcdctl);
@@ -308,13 +296,6 @@ impl EtcdCluster {
             "etcdctl put: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-    }
-
-    /// Reads one key.
-    pub fn get(&self, key: &str) -> Option<String> {
-        self.dump()
-            .remove(key)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     /// Every key and value, as member 0 serves them.

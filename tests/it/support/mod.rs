@@ -1,7 +1,6 @@
 //! Test harness: real servers (etcd, Garage) on free loopback ports, stopped when the test
 //! ends. A server binary that is missing makes the test fail with an install hint; tests
 //! never skip.
-#![allow(dead_code)]
 
 pub mod etcd;
 pub mod fleet;

@@ -6,19 +6,19 @@
 //! nothing behind (no manifest, no data object, no incomplete multipart upload, no spool
 //! file).
 
-mod support;
+use crate::support;
 
-use etcd_backup::compress::Compression;
+use crate::support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::garage::garage;
+use crate::support::text;
+use etcd_backup::codec::compress::Compression;
 use etcd_backup::config::{Config, Secret, StorageConfig, StorageUrl};
-use etcd_backup::manifest::Manifest;
+use etcd_backup::store::manifest::Manifest;
 use etcd_backup::store::BackupStore;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use support::etcd::{restore_and_start, EtcdBins, EtcdCluster, EtcdVersion};
-use support::garage::garage;
-use support::text;
 use tokio::io::AsyncReadExt;
 
 fn etcd_backup(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -137,7 +137,7 @@ fn snapshot(config: &Path, env: &[(&str, &str)]) -> String {
     assert!(o.status.success(), "snapshot failed: {}", text(&o));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(
-        id.parse::<etcd_backup::naming::BackupId>().is_ok(),
+        id.parse::<etcd_backup::store::naming::BackupId>().is_ok(),
         "printed id {id:?}"
     );
     id
@@ -293,7 +293,7 @@ async fn every_compression_to_garage_round_trips() {
         last_config = config;
     }
     assert_eq!(list_json(&last_config, &env).len(), 3);
-    assert_eq!(g.incomplete_multipart_uploads(&bucket), 0);
+    g.wait_incomplete_uploads(&bucket, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -408,7 +408,7 @@ async fn wrong_credentials_and_a_missing_bucket_fail_clearly_and_leave_nothing()
     let store = BackupStore::open(&cfg.storage, &cfg.backup.cluster_name).unwrap();
     let listing = store.list().await.unwrap();
     assert!(listing.backups.is_empty() && listing.data_objects.is_empty());
-    assert_eq!(g.incomplete_multipart_uploads(&bucket), 0);
+    g.wait_incomplete_uploads(&bucket, 0);
     assert!(setup.spool_is_empty());
 }
 
