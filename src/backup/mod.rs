@@ -200,7 +200,7 @@ async fn stages(
 
     let size = u64::try_from(status.db_size).unwrap_or(0);
     db_size.store(size, Ordering::Relaxed);
-    crate::backup::spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
+    spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
     fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {

@@ -628,16 +628,16 @@ async fn abort_uploads_before(store: &BackupStore, since: DateTime<Utc>) {
             for (up, r) in aborts {
                 match r {
                     Ok(()) => {
-                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader")
+                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader");
                     }
                     Err(e) => {
-                        tracing::warn!(key = %up.key, error = %e, "cannot abort an incomplete upload of an earlier leader; prune retries")
+                        tracing::warn!(key = %up.key, error = %e, "cannot abort an incomplete upload of an earlier leader; prune retries");
                     }
                 }
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list incomplete uploads of earlier leaders; prune retries")
+            tracing::warn!(error = %e, "cannot list incomplete uploads of earlier leaders; prune retries");
         }
     }
 }
@@ -659,7 +659,7 @@ async fn clean_leftovers(store: &BackupStore, leftovers: &mut Vec<String>) {
     for (up, r) in aborts {
         match r {
             Ok(()) => {
-                tracing::info!(key = %up.key, "cleaned up the incomplete upload of an earlier failed cycle")
+                tracing::info!(key = %up.key, "cleaned up the incomplete upload of an earlier failed cycle");
             }
             Err(e) => {
                 tracing::debug!(key = %up.key, error = %e, "the incomplete upload cannot be aborted yet");
