@@ -176,7 +176,7 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
     let r = backup::run(CycleInput {
         config: cfg,
         store: &store,
-        endpoint: &endpoint,
+        source: &crate::backup::source::EtcdSource::new(&cfg.etcd, &endpoint),
         cancel: &cancel,
         heartbeat: None,
         progress: Some(&progress),
