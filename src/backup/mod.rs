@@ -343,7 +343,7 @@ async fn stages(
     let t3 = Instant::now();
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        id: id.to_string(),
+        id: id.clone(),
         time: started_at,
         revision: report.revision,
         size: piped.raw.size,
