@@ -454,7 +454,7 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
     let (status, piped) = (&snap.status, &snap.piped);
     Manifest {
         format_version: FORMAT_VERSION,
-        id: snap.id.to_string(),
+        id: snap.id.clone(),
         time: snap.started_at,
         revision: report.revision,
         size: piped.raw.size,

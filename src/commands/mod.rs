@@ -202,7 +202,7 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
 /// The fields `list --json` prints; their names are stable.
 #[derive(Serialize)]
 struct ListEntry<'a> {
-    id: &'a str,
+    id: &'a crate::store::naming::BackupId,
     time: String,
     revision: i64,
     size: u64,
@@ -363,7 +363,7 @@ async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
         .iter()
         .map(|m| {
             [
-                m.id.clone(),
+                m.id.to_string(),
                 m.time.format("%Y-%m-%d %H:%M:%SZ").to_string(),
                 m.revision.to_string(),
                 human_bytes(m.size),

@@ -93,7 +93,7 @@ pub async fn run(
         let why = "etcdutl and etcd were not found (set [drill] etcd_dir); the backup was downloaded and verified but not restored into etcd".to_string();
         tracing::warn!("{why}");
         return Ok(DrillReport {
-            id: m.id.clone(),
+            id: m.id.to_string(),
             revision: m.revision,
             served_keys: None,
             not_restored: Some(why),
@@ -102,7 +102,7 @@ pub async fn run(
     };
     let served = restore_and_check(&etcdutl, &etcd, &file, &dir, &m, cfg.drill.timeout).await?;
     Ok(DrillReport {
-        id: m.id.clone(),
+        id: m.id.to_string(),
         revision: m.revision,
         served_keys: Some(served),
         not_restored: None,

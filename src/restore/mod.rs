@@ -75,7 +75,7 @@ pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, Res
     listing
         .backups
         .iter()
-        .find(|m| m.id == which)
+        .find(|m| m.id.to_string() == which)
         .ok_or_else(|| {
             RestoreError::NotFound(format!(
                 "no committed backup with id {which:?}; `etcd-backup list` shows the ids (newest: {})",
@@ -106,7 +106,7 @@ pub async fn fetch_to_file(
     if let Some(enc) = &m.encryption {
         let Some(ids) = identities else {
             return Err(RestoreError::Locked {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 detail: format!(
                     "it is encrypted ({}) to {}; pass --identity FILE (or set [encryption] identity_file) with the secret key of one of them",
                     enc.method,
@@ -116,7 +116,7 @@ pub async fn fetch_to_file(
         };
         if enc.method != crate::codec::crypt::METHOD_AGE {
             return Err(RestoreError::Locked {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 detail: format!(
                     "it is encrypted with {:?}, which this version cannot decrypt",
                     enc.method
@@ -126,7 +126,7 @@ pub async fn fetch_to_file(
         let mine = ids.recipients();
         if !enc.recipients.iter().any(|r| mine.contains(r)) {
             return Err(RestoreError::Locked {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 detail: format!(
                     "none of the identities in {} ({}) is one it was encrypted to ({}); use the identity file of one of those recipients",
                     ids.source().display(),
@@ -183,7 +183,7 @@ pub async fn fetch_to_file(
         (Some(_), Some(ids)) => {
             use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
             let locked = |e: age::DecryptError| RestoreError::Locked {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 detail: format!(
                     "cannot decrypt the stored object {} with the identities in {}: {e}",
                     m.object,
@@ -209,7 +209,7 @@ pub async fn fetch_to_file(
             .read(&mut buf)
             .await
             .map_err(|e| RestoreError::Corrupt {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 detail: format!(
                     "reading or decompressing the stored object {} failed ({e}): it was modified or damaged in storage, or the download broke off",
                     m.object
@@ -239,7 +239,7 @@ pub async fn fetch_to_file(
     let stored_sha = hex::encode(stored_hash.lock().expect("hash lock").clone().finalize());
     let stored_n = *stored_len.lock().expect("len lock");
     let corrupt = |detail: String| RestoreError::Corrupt {
-        id: m.id.clone(),
+        id: m.id.to_string(),
         detail,
     };
     if stored_n != m.stored_size || stored_sha != m.stored_sha256 {
@@ -267,7 +267,7 @@ pub async fn fetch_to_file(
     .await
     .map_err(|e| corrupt(format!("verifier thread failed: {e}")))?
     .map_err(|source| RestoreError::Verify {
-        id: m.id.clone(),
+        id: m.id.to_string(),
         source,
     })?;
     if report.revision != m.revision || report.hash != m.verification.hash {

@@ -58,7 +58,7 @@ pub async fn prune(
         .backups
         .iter()
         .map(|m| BackupSummary {
-            id: m.id.clone(),
+            id: m.id.to_string(),
             time: m.time,
         })
         .collect();
@@ -104,8 +104,8 @@ pub async fn prune(
         }
     }
 
-    let committed: std::collections::HashSet<&str> =
-        listing.backups.iter().map(|m| m.id.as_str()).collect();
+    let committed: std::collections::HashSet<String> =
+        listing.backups.iter().map(|m| m.id.to_string()).collect();
     let unreadable_ids: std::collections::HashSet<String> = listing
         .unreadable
         .iter()
@@ -134,8 +134,7 @@ pub async fn prune(
     }
     for (id, objects) in &listing.data_objects {
         let ids = id.to_string();
-        if committed.contains(ids.as_str()) || unreadable_ids.contains(&ids) || id.time() >= cutoff
-        {
+        if committed.contains(&ids) || unreadable_ids.contains(&ids) || id.time() >= cutoff {
             continue;
         }
         for (key, _) in objects {

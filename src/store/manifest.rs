@@ -2,6 +2,7 @@
 //! and verified. A backup exists if and only if its manifest exists.
 
 use crate::codec::compress::Compression;
+use crate::store::naming::BackupId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +16,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct Manifest {
     /// Layout/manifest version.
     pub format_version: u32,
-    /// Backup id (see `naming`).
-    pub id: String,
+    /// Backup id (see `naming`), stored as its string.
+    pub id: BackupId,
     /// When the snapshot was requested (UTC).
     pub time: DateTime<Utc>,
     /// etcd revision of the snapshot (from the snapshot itself when verified).
@@ -128,7 +129,7 @@ impl Manifest {
 pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
-        id: id.to_string(),
+        id: id.parse().expect("a backup id"),
         time,
         revision: 42,
         size: 20512,
@@ -177,5 +178,16 @@ mod tests {
         let err = Manifest::from_json(&newer.to_json()).unwrap_err();
         assert!(err.contains("upgrade"), "{err}");
         assert!(Manifest::from_json(b"{}").is_err());
+    }
+
+    #[test]
+    fn the_id_is_typed_and_stored_as_its_string() {
+        let m = sample("20260102T030405Z-0a1b2c", Utc::now());
+        let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(v["id"], "20260102T030405Z-0a1b2c");
+        let mut bad = v.clone();
+        bad["id"] = "../../etc".into();
+        let err = Manifest::from_json(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(err.contains("not a backup id"), "{err}");
     }
 }

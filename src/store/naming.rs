@@ -56,6 +56,25 @@ impl fmt::Display for BackupId {
     }
 }
 
+impl serde::Serialize for BackupId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BackupId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl PartialEq<str> for BackupId {
+    fn eq(&self, other: &str) -> bool {
+        other.parse::<BackupId>().is_ok_and(|o| o == *self)
+    }
+}
+
 /// Why a string is not a backup id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

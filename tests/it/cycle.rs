@@ -276,7 +276,7 @@ async fn every_compression_to_garage_round_trips() {
         let m = committed(&store)
             .await
             .into_iter()
-            .find(|m| m.id == id)
+            .find(|m| m.id.to_string() == id)
             .expect("listed");
         assert_eq!(m.compression, c.parse::<Compression>().unwrap());
         assert!(m.object.starts_with("etcd/test/"), "{}", m.object);

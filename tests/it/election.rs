@@ -185,7 +185,7 @@ fn paused_leader_is_fenced_commits_nothing_and_rejoins_as_follower() {
         .manifests()
         .iter()
         .filter(|m| m.node == f.nodes[leader].name && m.finished_at > paused_at)
-        .map(|m| m.id.clone())
+        .map(|m| m.id.to_string())
         .collect();
     assert!(late.is_empty(), "the paused leader committed {late:?}");
     assert_eq!(f.leaders(&all), vec![next], "{}", f.logs());

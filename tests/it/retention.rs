@@ -260,7 +260,7 @@ async fn orphans_dangling_manifests_and_an_interrupted_prune_are_cleaned() {
 
     // `list` shows neither the orphan nor the dangling manifest as a backup.
     let listing = env.store.list().await.unwrap();
-    let listed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.clone()).collect();
+    let listed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     assert!(!listed.contains(&ids[5]) && !listed.contains(&ids[4]));
     assert_eq!(listed.len(), 4);
 

@@ -302,7 +302,7 @@ fn soak() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let listing = f.listing();
     let committed: std::collections::BTreeSet<String> =
-        listing.backups.iter().map(|m| m.id.clone()).collect();
+        listing.backups.iter().map(|m| m.id.to_string()).collect();
     let orphans: Vec<String> = listing
         .data_objects
         .keys()
