@@ -491,3 +491,6 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
         }),
     }
 }
+
+#[cfg(test)]
+mod tests;
