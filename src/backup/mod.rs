@@ -356,7 +356,7 @@ async fn stages(
         member_name: status.member_name.clone(),
         endpoint: input.endpoint.to_string(),
         cluster_name: cfg.backup.cluster_name.clone(),
-        object: data_key.clone(),
+        object: crate::store::naming::data_file_name(&suffix),
         stored_sha256: hex::encode(piped.stored_sha256),
         revision_before: status.revision,
         db_size: status.db_size,

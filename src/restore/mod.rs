@@ -59,18 +59,42 @@ pub enum RestoreError {
     },
 }
 
-/// Picks `which` ("latest" or an id) from a listing.
+/// Picks `which` from a listing: an explicit id (any cluster, any date), or `latest`: the
+/// newest backup of cluster `cluster_id` not dated in the future.
 ///
 /// # Errors
 /// [`RestoreError::NotFound`] naming what exists.
-pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, RestoreError> {
+pub fn select<'a>(
+    listing: &'a Listing,
+    which: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    cluster_id: Option<&str>,
+) -> Result<&'a Manifest, RestoreError> {
     if listing.backups.is_empty() {
         return Err(RestoreError::NotFound(
             "there are no committed backups in the store; check storage.url and backup.cluster_name".into(),
         ));
     }
     if which == "latest" {
-        return Ok(&listing.backups[0]);
+        let Some(cluster) = cluster_id else {
+            return Err(RestoreError::NotFound(
+                "`latest` needs the cluster id whose backups to pick; pass --cluster-id ID or a backup id".into(),
+            ));
+        };
+        return listing.latest(now, cluster).ok_or_else(|| {
+            let mut others: Vec<&str> = listing
+                .backups
+                .iter()
+                .map(|m| m.cluster_id.as_str())
+                .filter(|c| *c != cluster)
+                .collect();
+            others.sort_unstable();
+            others.dedup();
+            RestoreError::NotFound(format!(
+                "no backup of etcd cluster {cluster} that is not dated in the future; the store holds backups of cluster ids {}: pass --cluster-id ID to restore another cluster's latest (e.g. after a disaster, when the new cluster has a new id), or a backup id from `etcd-backup list`",
+                crate::store::manifest::printable(&others.join(", "))
+            ))
+        });
     }
     listing
         .backups
@@ -78,8 +102,8 @@ pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, Res
         .find(|m| m.id.to_string() == which)
         .ok_or_else(|| {
             RestoreError::NotFound(format!(
-                "no committed backup with id {which:?}; `etcd-backup list` shows the ids (newest: {})",
-                listing.backups[0].id
+                "no committed backup with id {:?}; `etcd-backup list` shows the ids",
+                crate::store::manifest::printable(which)
             ))
         })
 }
@@ -167,11 +191,15 @@ pub async fn fetch_to_file(
     })?;
     let guard = PartFile(Some(part.clone()));
 
+    let object = store.data_key(m).ok_or_else(|| RestoreError::Corrupt {
+        id: m.id.to_string(),
+        detail: format!("its manifest names no snapshot file ({:?})", m.object),
+    })?;
     let stored_hash = Arc::new(Mutex::new(Sha256::new()));
     let stored_len = Arc::new(Mutex::new(0u64));
     let stream = {
         let (h, n) = (stored_hash.clone(), stored_len.clone());
-        store.get_stream(&m.object).await?.map_ok(move |b| {
+        store.get_stream(&object).await?.map_ok(move |b| {
             h.lock().expect("hash lock").update(&b);
             *n.lock().expect("len lock") += b.len() as u64;
             b
@@ -186,7 +214,7 @@ pub async fn fetch_to_file(
                 id: m.id.to_string(),
                 detail: format!(
                     "cannot decrypt the stored object {} with the identities in {}: {e}",
-                    m.object,
+                    object,
                     ids.source().display()
                 ),
             };
@@ -212,7 +240,7 @@ pub async fn fetch_to_file(
                 id: m.id.to_string(),
                 detail: format!(
                     "reading or decompressing the stored object {} failed ({e}): it was modified or damaged in storage, or the download broke off",
-                    m.object
+                    object
                 ),
             })?;
         if n == 0 {
@@ -245,7 +273,7 @@ pub async fn fetch_to_file(
     if stored_n != m.stored_size || stored_sha != m.stored_sha256 {
         return Err(corrupt(format!(
             "the stored object {} ({stored_n} bytes, sha256 {stored_sha}) does not match the manifest ({} bytes, sha256 {}): it was modified or damaged in storage",
-            m.object, m.stored_size, m.stored_sha256
+            object, m.stored_size, m.stored_sha256
         )));
     }
     let raw_sha = hex::encode(raw_hash.finalize());

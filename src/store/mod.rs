@@ -61,19 +61,59 @@ pub enum StoreError {
     },
 }
 
+/// A data object found in the listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataObject {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When the store says it was last written (the store's clock, not ours).
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 /// Objects found under the cluster's directory.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Listing {
-    /// Committed backups (readable manifests), newest first by their `time`.
+    /// Committed backups (readable manifests with their data object), newest first: by
+    /// etcd revision, then time, then id. Backups of every cluster id and time are here;
+    /// [`Listing::latest`] picks the one to restore.
     pub backups: Vec<Manifest>,
-    /// Data objects by backup id (committed or not), with their sizes.
-    pub data_objects: BTreeMap<BackupId, Vec<(String, u64)>>,
+    /// Data objects by backup id (committed or not).
+    pub data_objects: BTreeMap<BackupId, Vec<DataObject>>,
+    /// Every backup directory that holds a manifest object, readable or not.
+    pub manifest_ids: std::collections::BTreeSet<BackupId>,
     /// Manifests that could not be read or parsed: key and reason.
     pub unreadable: Vec<(String, String)>,
-    /// Readable manifests whose data object is missing (not backups: nothing to restore).
-    pub dangling: Vec<(BackupId, String)>,
+    /// Readable manifests whose data object is not listed (not backups: nothing to
+    /// restore), with their keys.
+    pub dangling: Vec<(Manifest, String)>,
     /// Objects under the directory that this tool did not write.
     pub foreign: usize,
+}
+
+impl Listing {
+    /// The newest backup of cluster `cluster_id` that is not dated in the future (more than
+    /// [`manifest::FUTURE_TOLERANCE`] after `now`): what `restore latest`, drills, the
+    /// age metric and the catch-up decision use.
+    pub fn latest(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        cluster_id: &str,
+    ) -> Option<&Manifest> {
+        self.backups
+            .iter()
+            .find(|m| m.cluster_id == cluster_id && !m.is_future(now))
+    }
+}
+
+/// The order of backups, newest first: etcd revision (the cluster's logical clock, immune
+/// to wrong wall clocks), then time, then id.
+pub fn newest_first(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
+    b.revision
+        .cmp(&a.revision)
+        .then_with(|| b.time.cmp(&a.time))
+        .then_with(|| b.id.cmp(&a.id))
 }
 
 /// The configured store and object layout.
@@ -272,6 +312,12 @@ impl BackupStore {
     /// The object layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The key of committed backup `m`'s data object (inside its own directory, wherever
+    /// it was first written); `None` when its manifest names no snapshot file.
+    pub fn data_key(&self, m: &Manifest) -> Option<String> {
+        self.layout.data_key_for(&m.id, &m.object)
     }
 
     /// The configured URL, for messages.
@@ -490,13 +536,20 @@ impl BackupStore {
         }
     }
 
-    /// The number of manifests and the newest committed backup, with one listing and as
-    /// few manifest reads as possible (candidates are tried newest id first). For the
-    /// last-success metrics, refreshed often on every node.
+    /// The number of manifests and the newest committed backup of `cluster_id` not dated
+    /// in the future, with one listing and as few manifest reads as possible (candidates
+    /// are tried newest id first, skipping other clusters' and future ones, and the newest
+    /// by revision among the first readable ones wins). For the last-success metrics and
+    /// the catch-up decision, refreshed often on every node. `cluster_id` `None` (the
+    /// local member unknown) takes any cluster's.
     ///
     /// # Errors
     /// [`StoreError::Request`] when the listing fails.
-    pub async fn newest(&self) -> Result<(usize, Option<Manifest>), StoreError> {
+    pub async fn newest(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        cluster_id: Option<&str>,
+    ) -> Result<(usize, Option<Manifest>), StoreError> {
         let base = self.layout.base().to_string();
         let objects: Vec<object_store::ObjectMeta> = self
             .store
@@ -516,21 +569,86 @@ impl BackupStore {
             .collect();
         ids.sort_by(|a, b| b.0.cmp(&a.0));
         let count = ids.len();
-        for (_, key) in ids.iter().take(5) {
-            if let Ok(m) = self
-                .get_bytes(key)
+        let mut best: Option<Manifest> = None;
+        let mut readable = 0;
+        for (_, key) in ids.iter().take(50) {
+            let Ok(m) = self
+                .get_manifest(key)
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|b| Manifest::from_json(&b))
+            else {
+                continue;
+            };
+            if m.is_future(now) || cluster_id.is_some_and(|c| c != m.cluster_id) {
+                continue;
+            }
+            readable += 1;
+            if best
+                .as_ref()
+                .is_none_or(|b| newest_first(&m, b) == std::cmp::Ordering::Less)
             {
-                return Ok((count, Some(m)));
+                best = Some(m);
+            }
+            if readable >= 5 {
+                break;
             }
         }
-        Ok((count, None))
+        Ok((count, best))
+    }
+
+    /// Reads a manifest, refusing one larger than [`manifest::MAX_MANIFEST_SIZE`] without
+    /// reading it.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when it cannot be read or is too large.
+    pub async fn get_manifest(&self, key: &str) -> Result<Bytes, StoreError> {
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.err("reading", key, &e))?;
+        if r.meta.size > manifest::MAX_MANIFEST_SIZE {
+            return Err(StoreError::Request {
+                url: self.url.clone(),
+                op: "reading",
+                key: key.to_string(),
+                detail: format!(
+                    "it is {} bytes, more than a manifest can be ({} bytes); it was not written by etcd-backup",
+                    r.meta.size,
+                    manifest::MAX_MANIFEST_SIZE
+                ),
+                hint: "remove or move it if it is not yours",
+            });
+        }
+        let b = r.bytes().await.map_err(|e| self.err("reading", key, &e))?;
+        if b.len() as u64 > manifest::MAX_MANIFEST_SIZE {
+            return Err(StoreError::Request {
+                url: self.url.clone(),
+                op: "reading",
+                key: key.to_string(),
+                detail: "it grew past the manifest size limit while being read".into(),
+                hint: "remove or move it if it is not yours",
+            });
+        }
+        Ok(b)
+    }
+
+    /// Whether an object exists: `Ok(false)` only when the store says it is not found.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] for any other answer (nothing is confirmed).
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.store.head(&ObjPath::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err("checking", key, &e)),
+        }
     }
 
     /// Lists the cluster's directory with one paginated listing, reads every manifest and
-    /// returns the committed backups, newest first.
+    /// returns the committed backups, newest first. A listing that fails part-way fails
+    /// whole: nothing is decided from part of a directory.
     ///
     /// # Errors
     /// [`StoreError::Request`] when the listing fails.
@@ -547,18 +665,27 @@ impl BackupStore {
         for o in objects {
             let key = o.location.to_string();
             match self.layout.classify(&key) {
-                Some(ObjectKind::Manifest(id)) => manifest_keys.push((id, key)),
-                Some(ObjectKind::Data(id)) => listing
-                    .data_objects
-                    .entry(id)
-                    .or_default()
-                    .push((key, o.size)),
+                Some(ObjectKind::Manifest(id)) => {
+                    listing.manifest_ids.insert(id.clone());
+                    manifest_keys.push((id, key));
+                }
+                Some(ObjectKind::Data(id)) => {
+                    listing
+                        .data_objects
+                        .entry(id)
+                        .or_default()
+                        .push(DataObject {
+                            key,
+                            size: o.size,
+                            modified: o.last_modified,
+                        });
+                }
                 None => listing.foreign += 1,
             }
         }
         let fetched: Vec<_> = futures::stream::iter(manifest_keys)
             .map(|(id, key)| async move {
-                let r = self.get_bytes(&key).await;
+                let r = self.get_manifest(&key).await;
                 (id, key, r)
             })
             .buffer_unordered(8)
@@ -570,26 +697,36 @@ impl BackupStore {
                 if m.id == id {
                     Ok(m)
                 } else {
-                    Err(format!("its id {:?} does not match its key", m.id))
+                    Err(format!(
+                        "its id {:?} does not match its key",
+                        m.id.to_string()
+                    ))
                 }
             }) {
                 Ok(m) => {
+                    let Some(data_key) = self.layout.data_key_for(&id, &m.object) else {
+                        listing.unreadable.push((
+                            key,
+                            format!("its data object {:?} is not a snapshot file name", m.object),
+                        ));
+                        continue;
+                    };
                     let has_data = listing
                         .data_objects
                         .get(&id)
-                        .is_some_and(|objs| objs.iter().any(|(k, _)| *k == m.object));
+                        .is_some_and(|objs| objs.iter().any(|o| o.key == data_key));
                     if has_data {
                         listing.backups.push(m);
                     } else {
-                        listing.dangling.push((id, key));
+                        listing.dangling.push((m, key));
                     }
                 }
                 Err(reason) => listing.unreadable.push((key, reason)),
             }
         }
-        listing
-            .backups
-            .sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+        listing.backups.sort_by(newest_first);
+        listing.unreadable.sort();
+        listing.dangling.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(listing)
     }
 }
@@ -864,3 +1001,7 @@ mod tests {
         assert_eq!(s.layout().base(), "p/c");
     }
 }
+
+/// Test seams: an in-memory store and a wrapper that fails chosen calls.
+#[cfg(test)]
+pub(crate) mod testing;
