@@ -246,6 +246,17 @@ pub async fn fetch_to_file(
         if n == 0 {
             break;
         }
+        // Never write more than the manifest declares: a stored object that decompresses
+        // to more (a compression bomb, or a damaged object) stops here, not at a full disk.
+        if raw_len.saturating_add(n as u64) > m.size {
+            return Err(RestoreError::Corrupt {
+                id: m.id.to_string(),
+                detail: format!(
+                    "the stored object {object} decompresses to more than the {} bytes its manifest declares: it was modified or damaged in storage; nothing past that size was written",
+                    m.size
+                ),
+            });
+        }
         raw_hash.update(&buf[..n]);
         raw_len += n as u64;
         if let Some(p) = progress {
@@ -324,5 +335,53 @@ impl Drop for PartFile {
         if let Some(p) = self.0.take() {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{memory, put_backup};
+
+    #[tokio::test]
+    async fn a_compression_bomb_stops_at_the_declared_size() {
+        let (store, _) = memory("", "c");
+        // 1 GiB of zeros compresses to a few dozen KiB.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 200_000, "{}", bomb.len());
+        let t = chrono::Utc::now();
+        let mut m = crate::store::manifest::sample("20260102T030405Z-0a1b2c", t);
+        m.stored_size = bomb.len() as u64;
+        m.stored_sha256 = hex::encode(sha2_of(&bomb));
+        put_backup(&store, &m, Some(&bomb)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.db");
+        let started = std::time::Instant::now();
+        let err = fetch_to_file(&store, &m, &dest, None, None)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, RestoreError::Corrupt { detail, .. } if detail.contains("decompresses to more than the 20512 bytes")),
+            "{err}"
+        );
+        assert!(!dest.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the partial file is removed"
+        );
+        eprintln!("compression bomb rejected after {took:?}");
+    }
+
+    fn sha2_of(b: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b);
+        h.finalize()
     }
 }
