@@ -102,8 +102,9 @@ pub fn select<'a>(
         .find(|m| m.id.to_string() == which)
         .ok_or_else(|| {
             RestoreError::NotFound(format!(
-                "no committed backup with id {:?}; `etcd-backup list` shows the ids",
-                crate::store::manifest::printable(which)
+                "no committed backup with id {:?}; `etcd-backup list` shows the ids (newest: {})",
+                crate::store::manifest::printable(which),
+                listing.backups[0].id
             ))
         })
 }

@@ -487,7 +487,7 @@ impl BackupStore {
                     text.chars().take(300).collect::<String>()
                 )));
             }
-            let page = parse_list_uploads(&text);
+            let page = parse_list_uploads(&text).map_err(fail)?;
             out.extend(page.uploads);
             match page.next {
                 Some(next) => markers = Some(next),
@@ -805,57 +805,58 @@ struct UploadsPage {
     next: Option<(String, String)>,
 }
 
-/// The text of each `<tag>…</tag>` in `s`, in order.
-fn xml_all<'a>(s: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find(&open) {
-        let after = &rest[i + open.len()..];
-        let Some(j) = after.find(&close) else { break };
-        out.push(&after[..j]);
-        rest = &after[j + close.len()..];
-    }
-    out
+/// A ListMultipartUploads answer (the fields this tool reads).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListUploadsXml {
+    #[serde(default)]
+    is_truncated: bool,
+    #[serde(default)]
+    next_key_marker: Option<String>,
+    #[serde(default)]
+    next_upload_id_marker: Option<String>,
+    #[serde(default, rename = "Upload")]
+    uploads: Vec<UploadXml>,
 }
 
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UploadXml {
+    key: String,
+    upload_id: String,
+    #[serde(default)]
+    initiated: Option<String>,
 }
 
-fn parse_list_uploads(xml: &str) -> UploadsPage {
-    let mut page = UploadsPage::default();
-    for u in xml_all(xml, "Upload") {
-        let field = |t: &str| xml_all(u, t).first().map(|v| xml_unescape(v));
-        let (Some(key), Some(upload_id)) = (field("Key"), field("UploadId")) else {
-            continue;
-        };
-        let initiated = field("Initiated")
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-            .map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, |t| t.to_utc());
-        page.uploads.push(PendingUpload {
-            key,
-            upload_id,
-            initiated,
-        });
-    }
-    let truncated = xml_all(xml, "IsTruncated").first() == Some(&"true");
-    if truncated {
-        let k = xml_all(xml, "NextKeyMarker")
-            .first()
-            .map(|v| xml_unescape(v));
-        let id = xml_all(xml, "NextUploadIdMarker")
-            .first()
-            .map(|v| xml_unescape(v));
-        if let (Some(k), Some(id)) = (k, id) {
-            page.next = Some((k, id));
-        }
-    }
-    page
+/// Parses one page of a ListMultipartUploads answer.
+///
+/// # Errors
+/// When the answer is not such a document.
+fn parse_list_uploads(xml: &str) -> Result<UploadsPage, String> {
+    let doc: ListUploadsXml = quick_xml::de::from_str(xml)
+        .map_err(|e| format!("cannot parse the ListMultipartUploads answer: {e}"))?;
+    let uploads = doc
+        .uploads
+        .into_iter()
+        .map(|u| PendingUpload {
+            key: u.key,
+            upload_id: u.upload_id,
+            // An upload of unknown age counts as old: S3 always sends the time.
+            initiated: u
+                .initiated
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, |t| t.to_utc()),
+        })
+        .collect();
+    let next = match (
+        doc.is_truncated,
+        doc.next_key_marker,
+        doc.next_upload_id_marker,
+    ) {
+        (true, Some(k), Some(id)) => Some((k, id)),
+        _ => None,
+    };
+    Ok(UploadsPage { uploads, next })
 }
 
 #[cfg(test)]
@@ -963,6 +964,37 @@ mod tests {
         out
     }
 
+    #[tokio::test]
+    async fn newest_skips_future_and_other_clusters_backups() {
+        let (store, _) = testing::memory("p", "c");
+        let now = chrono::Utc::now();
+        let at = |mins: i64, rev: i64, cluster: &str, n: u32| {
+            let t = now - chrono::Duration::minutes(mins);
+            let id = format!("{}-{n:06x}", t.format("%Y%m%dT%H%M%SZ"));
+            let mut m = crate::store::manifest::sample(&id, t);
+            m.revision = rev;
+            m.cluster_id = cluster.into();
+            m
+        };
+        let ours = at(60, 10, "aa", 1);
+        let skewed = at(600, 20, "aa", 2); // a slow clock, but the highest revision
+        let theirs = at(1, 99, "bb", 3);
+        let future = at(-60 * 24, 5, "aa", 4);
+        for m in [&ours, &skewed, &theirs, &future] {
+            testing::put_backup(&store, m, Some(b"d")).await;
+        }
+        let (count, newest) = store.newest(now, Some("aa")).await.unwrap();
+        assert_eq!(count, 4);
+        assert_eq!(newest.unwrap().id, skewed.id);
+        let (_, newest) = store.newest(now, Some("bb")).await.unwrap();
+        assert_eq!(newest.unwrap().id, theirs.id);
+        let (_, newest) = store.newest(now, None).await.unwrap();
+        assert_eq!(newest.unwrap().id, theirs.id, "never the future one");
+        let listing = store.list().await.unwrap();
+        assert_eq!(listing.latest(now, "aa").unwrap().id, skewed.id);
+        assert!(listing.latest(now, "cc").is_none());
+    }
+
     #[test]
     fn list_uploads_answers_are_parsed() {
         let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -971,7 +1003,7 @@ mod tests {
 <Upload><Key>p/c/20260101T000000Z-000001/snapshot.db.zst</Key><UploadId>id1</UploadId><Initiated>2026-01-01T00:00:00.000Z</Initiated></Upload>
 <Upload><Key>p/c/x&amp;y</Key><UploadId>id2</UploadId><Initiated>2026-01-02T00:00:00Z</Initiated></Upload>
 </ListMultipartUploadsResult>"#;
-        let p = parse_list_uploads(xml);
+        let p = parse_list_uploads(xml).unwrap();
         assert_eq!(p.uploads.len(), 2);
         assert_eq!(p.uploads[0].upload_id, "id1");
         assert_eq!(p.uploads[1].key, "p/c/x&y");
@@ -982,8 +1014,19 @@ mod tests {
                 .to_utc()
         );
         assert_eq!(p.next, Some(("p/c/x&y".to_string(), "id2".to_string())));
-        let last = parse_list_uploads("<IsTruncated>false</IsTruncated>");
+        let last = parse_list_uploads(
+            "<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>",
+        )
+        .unwrap();
         assert!(last.uploads.is_empty() && last.next.is_none());
+        // Entities, CDATA and unknown elements are XML's business, not ours.
+        let odd = parse_list_uploads(
+            "<ListMultipartUploadsResult><Upload><Key><![CDATA[a<b]]></Key><Owner><ID>x</ID></Owner><UploadId>u&#49;</UploadId></Upload></ListMultipartUploadsResult>",
+        )
+        .unwrap();
+        assert_eq!(odd.uploads[0].key, "a<b");
+        assert_eq!(odd.uploads[0].upload_id, "u1");
+        assert!(parse_list_uploads("<html>proxy error</html").is_err());
     }
 
     #[test]
