@@ -341,7 +341,7 @@ async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
                     m.revision,
                     m.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
                     ago(m.finished_at),
-                    m.node
+                    printable(&m.node)
                 );
                 println!("backups:       {count} in {}", store.url());
             }
