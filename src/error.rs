@@ -36,41 +36,61 @@ impl fmt::Display for Stage {
     }
 }
 
-/// A failed cycle: which stage failed and why (the message says what to check).
+/// Why a cycle ended without a backup; decides how the daemon reports and retries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CycleErrorKind {
+    /// The backup path failed (etcd, the verifier, the store): counted as a failure and
+    /// retried.
+    Failed,
+    /// This node lost the leadership: not a failure of the backup path, the new leader takes
+    /// the backup.
+    Fenced,
+    /// The daemon is shutting down.
+    Cancelled,
+    /// The cycle ran past its time limit (`backup.timeout`, `backup.timeout_per_gib`).
+    TimedOut,
+}
+
+/// A failed cycle: which stage failed, what kind of failure, and why (the message says what
+/// to check).
 #[derive(Debug, thiserror::Error)]
 #[error("backup failed at stage {stage}: {message}")]
 pub struct CycleError {
     /// The stage that failed.
     pub stage: Stage,
+    /// What kind of failure it is.
+    pub kind: CycleErrorKind,
     /// What failed and what to check. Never contains a secret.
     pub message: String,
-    /// The cycle was stopped because this node lost the leadership (not a failure of the
-    /// backup path: the new leader takes the backup).
-    pub fenced: bool,
     /// Key of a multipart upload that could not be aborted (the store was unreachable); the
     /// daemon aborts it later.
     pub unaborted_upload: Option<String>,
 }
 
 impl CycleError {
-    /// An error at `stage`.
+    /// A failure of the backup path at `stage`.
     pub fn new(stage: Stage, message: impl fmt::Display) -> Self {
-        Self {
-            stage,
-            message: message.to_string(),
-            fenced: false,
-            unaborted_upload: None,
-        }
+        Self::of_kind(CycleErrorKind::Failed, stage, message)
     }
 
     /// The cycle was stopped at `stage` because this node lost the leadership.
     pub fn fenced(stage: Stage, message: impl fmt::Display) -> Self {
+        Self::of_kind(CycleErrorKind::Fenced, stage, message)
+    }
+
+    /// An error of `kind` at `stage`.
+    pub fn of_kind(kind: CycleErrorKind, stage: Stage, message: impl fmt::Display) -> Self {
         Self {
             stage,
+            kind,
             message: message.to_string(),
-            fenced: true,
             unaborted_upload: None,
         }
+    }
+
+    /// Whether the cycle stopped because this node lost the leadership.
+    pub fn is_fenced(&self) -> bool {
+        self.kind == CycleErrorKind::Fenced
     }
 }
 

@@ -34,6 +34,7 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
 /// cycle grew with it over the first seconds of the stream: 42 MiB on a 4.4 GiB database
 /// against 38 MiB on 1.1 GiB. With a fixed threshold it is 35 MiB, at the same speed.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // the one unsafe call of the crate, explained below
 fn fix_malloc_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
     // exists, and a refusal (return 0) leaves the default in place, which is harmless.

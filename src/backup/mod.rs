@@ -16,20 +16,22 @@
 //! multipart upload and removes the spool file, so a failed cycle leaves nothing behind.
 
 pub mod pipeline;
+pub mod source;
 pub mod spool;
 
-use crate::backup::spool::SpoolFile;
 use crate::config::Config;
-use crate::error::{CycleError, Stage};
+use crate::error::{CycleError, CycleErrorKind, Stage};
 use crate::etcd::election::Term;
-use crate::etcd::Member;
+use crate::etcd::MemberStatus;
 use crate::store::manifest::{Encryption, Manifest, Verification, FORMAT_VERSION};
 use crate::store::naming::BackupId;
 use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
-use crate::verify::{self, VerifyOptions};
+use crate::verify::{self, VerifyOptions, VerifyReport};
 use chrono::{DateTime, Utc};
-use pipeline::PipelineError;
+use pipeline::{PipelineError, PipelineReport};
+use source::SnapshotSource;
+use spool::SpoolFile;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -64,7 +66,7 @@ pub struct CycleInput<'a> {
     /// Where to store the backup.
     pub store: &'a BackupStore,
     /// The member to snapshot (the first of `etcd.endpoints` unless overridden).
-    pub endpoint: &'a str,
+    pub source: &'a dyn SnapshotSource,
     /// Cancelled on shutdown.
     pub cancel: &'a CancellationToken,
     /// Beaten while the cycle makes progress (feeds the systemd watchdog).
@@ -119,12 +121,13 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
         loop {
             tokio::select! {
                 r = &mut work => break r,
-                () = input.cancel.cancelled() => break Err(CycleError::new(Stage::Snapshot, "cancelled: the daemon is shutting down")),
+                () = input.cancel.cancelled() => break Err(CycleError::of_kind(CycleErrorKind::Cancelled, Stage::Snapshot, "cancelled: the daemon is shutting down")),
                 () = term_lost(input.term) => break Err(CycleError::fenced(
                     Stage::Snapshot,
                     "this node lost the leadership during the cycle; the cycle is aborted and another node takes over the backups",
                 )),
-                () = &mut deadline => break Err(CycleError::new(
+                () = &mut deadline => break Err(CycleError::of_kind(
+                    CycleErrorKind::TimedOut,
                     Stage::Snapshot,
                     format!(
                         "the cycle did not finish within {} (backup.timeout plus backup.timeout_per_gib for a {} database); raise them for slow links",
@@ -149,7 +152,7 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
     // pause or a partition past the lease also starves the snapshot stream, and whichever
     // notices first must not decide how the failure is reported.
     if let (Err(e), Some(t)) = (&mut result, input.term) {
-        if !e.fenced && t.has_ended() {
+        if !e.is_fenced() && t.has_ended() {
             *e = CycleError::fenced(
                 e.stage,
                 format!(
@@ -174,33 +177,74 @@ pub async fn run(input: CycleInput<'_>) -> Result<CycleReport, CycleError> {
     result
 }
 
+/// The stages, top to bottom. `upload_slot` holds the multipart upload while it is open, so
+/// that [`run`] can abort it on every way out.
 async fn stages(
     input: &CycleInput<'_>,
     upload_slot: &mut Option<Upload>,
     db_size: &AtomicU64,
 ) -> Result<CycleReport, CycleError> {
+    let snap = snapshot(input, upload_slot, db_size).await?;
+    let (report, verify_time) = verify(&snap).await?;
+    let upload_time = upload(input, upload_slot, &snap.data_key).await?;
+    let t = Instant::now();
+    let manifest = commit(input, &snap, report).await?;
+    let commit_time = t.elapsed();
+    tracing::info!(stage = "commit", duration_ms = commit_time.as_millis() as u64, id = %manifest.id, "manifest written; backup committed");
+    Ok(CycleReport {
+        manifest,
+        times: StageTimes {
+            snapshot: snap.time,
+            verify: verify_time,
+            upload: upload_time,
+            commit: commit_time,
+        },
+    })
+}
+
+/// What the snapshot stage hands to the later ones.
+struct Snapshot {
+    id: BackupId,
+    started_at: DateTime<Utc>,
+    /// The member's status just before the snapshot.
+    status: MemberStatus,
+    /// The spooled raw snapshot, removed when this is dropped.
+    spool: SpoolFile,
+    /// Key of the (still incomplete) data object.
+    data_key: String,
+    piped: PipelineReport,
+    time: Duration,
+}
+
+fn snap_err(e: &dyn std::fmt::Display) -> CycleError {
+    CycleError::new(Stage::Snapshot, e)
+}
+
+/// Stage 1: the member's status, then its snapshot stream through the pipeline (trailer
+/// check, sha256, spool copy, compression, encryption) into a new multipart upload.
+async fn snapshot(
+    input: &CycleInput<'_>,
+    upload_slot: &mut Option<Upload>,
+    db_size: &AtomicU64,
+) -> Result<Snapshot, CycleError> {
     let cfg = input.config;
     let started_at = Utc::now();
     let t0 = Instant::now();
     let id = BackupId::new(started_at);
-    let snap_err = |e: &dyn std::fmt::Display| CycleError::new(Stage::Snapshot, e);
+    let source = input.source;
 
-    let member = Member::connect(&cfg.etcd, input.endpoint)
-        .await
-        .map_err(|e| snap_err(&e))?;
-    let status = member.status().await.map_err(|e| snap_err(&e))?;
+    let status = source.status().await.map_err(|e| snap_err(&e))?;
     tracing::info!(
-        endpoint = %input.endpoint,
+        endpoint = %source.endpoint(),
         member = %status.member_name,
         version = %status.version,
         revision = status.revision,
         db_size = status.db_size,
         "connected to etcd"
     );
-
     let size = u64::try_from(status.db_size).unwrap_or(0);
     db_size.store(size, Ordering::Relaxed);
-    crate::backup::spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
+    spool::ensure_space(&cfg.backup.spool_dir, size).map_err(|e| snap_err(&e))?;
     fence(input.term, Stage::Snapshot, "before the snapshot").await?;
     let (spool, spool_file) = SpoolFile::create(&cfg.backup.spool_dir, &id.to_string())
         .map_err(|e| {
@@ -229,16 +273,48 @@ async fn stages(
             .await
             .map_err(|e| CycleError::new(Stage::Upload, e))?,
     );
-
-    let mut stream = member.snapshot().await.map_err(|e| snap_err(&e))?;
-    let progress = input.progress;
-    if let Some(p) = progress {
-        p.set_total(u64::try_from(status.db_size).unwrap_or(0) + 32);
+    if let Some(p) = input.progress {
+        p.set_total(size + pipeline::TRAILER_LEN as u64);
     }
+    let piped = stream(input, spool_file, spool.path(), recipients, upload).await?;
+    let time = t0.elapsed();
+    tracing::info!(
+        stage = "snapshot",
+        duration_ms = time.as_millis() as u64,
+        size = piped.raw.size,
+        stored_size = piped.stored_size,
+        "snapshot streamed, sha256 trailer verified"
+    );
+    Ok(Snapshot {
+        id,
+        started_at,
+        status,
+        spool,
+        data_key,
+        piped,
+        time,
+    })
+}
+
+/// Moves the snapshot stream through the pipeline thread into the upload, all three at
+/// once. The first error is the root cause: a broken stream or a failed upload stops the
+/// pipeline, whose own error would only say that its input or output went away.
+async fn stream(
+    input: &CycleInput<'_>,
+    spool_file: std::fs::File,
+    spool_path: &std::path::Path,
+    recipients: Vec<age::x25519::Recipient>,
+    upload: &mut Upload,
+) -> Result<PipelineReport, CycleError> {
+    let mut chunks = input.source.snapshot().await.map_err(|e| snap_err(&e))?;
+    let progress = input.progress;
     let (raw_tx, raw_rx) = mpsc::channel(pipeline::RAW_QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<bytes::Bytes>(pipeline::OUT_QUEUE);
-    let spool_path = spool.path().to_path_buf();
-    let (compression, level) = (cfg.backup.compression, cfg.backup.compression_level);
+    let spool_path = spool_path.to_path_buf();
+    let (compression, level) = (
+        input.config.backup.compression,
+        input.config.backup.compression_level,
+    );
     let worker = tokio::task::spawn_blocking(move || {
         pipeline::run(
             raw_rx,
@@ -250,9 +326,8 @@ async fn stages(
             out_tx,
         )
     });
-
     let read = async move {
-        while let Some(chunk) = stream.next_chunk().await.map_err(|e| snap_err(&e))? {
+        while let Some(chunk) = chunks.next_chunk().await.map_err(|e| snap_err(&e))? {
             if let Some(p) = progress {
                 p.inc(chunk.len() as u64);
             }
@@ -284,22 +359,16 @@ async fn stages(
             })
     };
     let (read_r, send_r, process_r) = tokio::join!(read, send, process);
-    // The root cause first: a broken stream or a failed upload stops the pipeline, whose
-    // own error would only say that its input or output went away.
     read_r?;
     send_r?;
-    let piped = process_r?;
-    let snapshot_time = t0.elapsed();
-    tracing::info!(
-        stage = "snapshot",
-        duration_ms = snapshot_time.as_millis() as u64,
-        size = piped.raw.size,
-        stored_size = piped.stored_size,
-        "snapshot streamed, sha256 trailer verified"
-    );
+    process_r
+}
 
-    let t1 = Instant::now();
-    let path = spool.path().to_path_buf();
+/// Stage 2: the verifier over the spooled file; the snapshot must not be older than the
+/// member's revision before it started.
+async fn verify(snap: &Snapshot) -> Result<(VerifyReport, Duration), CycleError> {
+    let t = Instant::now();
+    let path = snap.spool.path().to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
         verify::verify_file(
             &path,
@@ -311,40 +380,82 @@ async fn stages(
     .await
     .map_err(|e| CycleError::new(Stage::Verify, format!("verifier thread failed: {e}")))?
     .map_err(|e| CycleError::new(Stage::Verify, e))?;
-    if report.revision < status.revision {
+    if report.revision < snap.status.revision {
         return Err(CycleError::new(
             Stage::Verify,
             format!(
                 "the snapshot's revision {} is lower than the member's revision {} before the snapshot started: the member served stale data; check its health and whether it is a learner or partitioned",
-                report.revision, status.revision
+                report.revision, snap.status.revision
             ),
         ));
     }
-    let verify_time = t1.elapsed();
+    let time = t.elapsed();
     tracing::info!(
         stage = "verify",
-        duration_ms = verify_time.as_millis() as u64,
+        duration_ms = time.as_millis() as u64,
         revision = report.revision,
         keys = report.live_keys,
         hash = report.hash,
         "snapshot verified"
     );
-    drop(spool);
+    Ok((report, time))
+}
 
-    let t2 = Instant::now();
+/// Stage 3: completes the multipart upload, which makes the data object visible.
+async fn upload(
+    input: &CycleInput<'_>,
+    upload_slot: &mut Option<Upload>,
+    data_key: &str,
+) -> Result<Duration, CycleError> {
+    let t = Instant::now();
     fence(input.term, Stage::Upload, "before completing the upload").await?;
-    let up = upload_slot.take().expect("upload in progress");
+    let Some(up) = upload_slot.take() else {
+        return Err(CycleError::new(
+            Stage::Upload,
+            "no upload in progress (a bug: please report it)",
+        ));
+    };
     up.finish()
         .await
         .map_err(|e| CycleError::new(Stage::Upload, e))?;
-    let upload_time = t2.elapsed();
-    tracing::info!(stage = "upload", duration_ms = upload_time.as_millis() as u64, key = %data_key, "upload completed");
+    let time = t.elapsed();
+    tracing::info!(stage = "upload", duration_ms = time.as_millis() as u64, key = %data_key, "upload completed");
+    Ok(time)
+}
 
-    let t3 = Instant::now();
-    let manifest = Manifest {
+/// Stage 4: writes the manifest, the commit marker. When that fails the complete but
+/// uncommitted data object is removed, so nothing half-done stays.
+async fn commit(
+    input: &CycleInput<'_>,
+    snap: &Snapshot,
+    report: VerifyReport,
+) -> Result<Manifest, CycleError> {
+    let manifest = manifest(input, snap, &report);
+    let committed = match fence(input.term, Stage::Commit, "before writing the manifest").await {
+        Ok(()) => input
+            .store
+            .put_manifest(&snap.id, &manifest)
+            .await
+            .map_err(|e| CycleError::new(Stage::Commit, e)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        if let Err(de) = input.store.delete(&snap.data_key).await {
+            tracing::warn!(error = %de, key = %snap.data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
+        }
+        return Err(e);
+    }
+    Ok(manifest)
+}
+
+/// The manifest of a verified, uploaded snapshot.
+fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> Manifest {
+    let cfg = input.config;
+    let (status, piped) = (&snap.status, &snap.piped);
+    Manifest {
         format_version: FORMAT_VERSION,
-        id: id.clone(),
-        time: started_at,
+        id: snap.id.clone(),
+        time: snap.started_at,
         revision: report.revision,
         size: piped.raw.size,
         stored_size: piped.stored_size,
@@ -354,9 +465,15 @@ async fn stages(
         cluster_id: format!("{:016x}", status.cluster_id),
         member: format!("{:016x}", status.member_id),
         member_name: status.member_name.clone(),
-        endpoint: input.endpoint.to_string(),
+        endpoint: input.source.endpoint().to_string(),
         cluster_name: cfg.backup.cluster_name.clone(),
-        object: crate::store::naming::data_file_name(&suffix),
+        // The file name only: the backup's directory is wherever its manifest is.
+        object: snap
+            .data_key
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
         stored_sha256: hex::encode(piped.stored_sha256),
         revision_before: status.revision,
         db_size: status.db_size,
@@ -368,7 +485,7 @@ async fn stages(
             page_size: report.page_size,
             consistent_index: report.consistent_index,
         },
-        started_at,
+        started_at: snap.started_at,
         finished_at: Utc::now(),
         node: cfg.election.node_name.clone(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -378,31 +495,5 @@ async fn stages(
             method: crate::codec::crypt::METHOD_AGE.to_string(),
             recipients: cfg.encryption.recipients.clone(),
         }),
-    };
-    let committed = match fence(input.term, Stage::Commit, "before writing the manifest").await {
-        Ok(()) => input
-            .store
-            .put_manifest(&id, &manifest)
-            .await
-            .map_err(|e| CycleError::new(Stage::Commit, e)),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = committed {
-        // The data object is complete but uncommitted: remove it so nothing half-done stays.
-        if let Err(de) = input.store.delete(&data_key).await {
-            tracing::warn!(error = %de, key = %data_key, "cannot remove the uncommitted data object; prune will remove it as an orphan");
-        }
-        return Err(e);
     }
-    let commit_time = t3.elapsed();
-    tracing::info!(stage = "commit", duration_ms = commit_time.as_millis() as u64, id = %id, "manifest written; backup committed");
-    Ok(CycleReport {
-        manifest,
-        times: StageTimes {
-            snapshot: snapshot_time,
-            verify: verify_time,
-            upload: upload_time,
-            commit: commit_time,
-        },
-    })
 }

@@ -445,7 +445,7 @@ mod tests {
         assert_eq!(rep.stored_sha256, sh);
         let mut dec = flate2::read::GzDecoder::new(&stored[..]);
         let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut dec, &mut back).unwrap();
+        io::Read::read_to_end(&mut dec, &mut back).unwrap();
         assert_eq!(back, file);
     }
 }

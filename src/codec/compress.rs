@@ -112,7 +112,7 @@ const ZSTD_JOB_SIZE: u32 = 2 << 20;
 /// zstd worker threads: compression overlaps with the snapshot stream, but leaves a core
 /// for etcd itself, which runs on the same node.
 fn zstd_workers() -> u32 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u32;
     (cpus / 2).clamp(1, 4)
 }
 

@@ -181,7 +181,7 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
     let ctrl_c = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if crate::daemon::shutdown_signal().await.is_ok() {
+            if daemon::shutdown_signal().await.is_ok() {
                 tracing::warn!("interrupted: aborting the backup");
                 cancel.cancel();
             }
@@ -191,7 +191,7 @@ async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(), CommandErr
     let r = backup::run(CycleInput {
         config: cfg,
         store: &store,
-        endpoint: &endpoint,
+        source: &crate::backup::source::EtcdSource::new(&cfg.etcd, &endpoint),
         cancel: &cancel,
         heartbeat: None,
         progress: Some(&progress),
@@ -833,7 +833,7 @@ async fn restore(
 /// Writes `man/etcd-backup.1`, one page per subcommand, and bash/zsh/fish completions.
 fn gen_docs(out: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory;
-    let cmd = crate::commands::cli::Cli::command();
+    let cmd = cli::Cli::command();
     let man = out.join("man");
     let comp = out.join("completions");
     std::fs::create_dir_all(&man)?;

@@ -15,6 +15,7 @@
 pub mod http;
 pub mod metrics;
 
+use crate::backup::source::EtcdSource;
 use crate::backup::spool;
 use crate::backup::{self, CycleInput};
 use crate::config::Config;
@@ -341,11 +342,14 @@ pub async fn run(config: Config) -> Result<(), String> {
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
         // The cycle keeps the configuration it started with, whatever a reload does.
         let cycle_state = state.clone();
-        let endpoint = cycle_state.config.etcd.endpoints[0].clone();
+        let source = EtcdSource::new(
+            &cycle_state.config.etcd,
+            &cycle_state.config.etcd.endpoints[0],
+        );
         let r = backup::run(CycleInput {
             config: &cycle_state.config,
             store: &cycle_state.store,
-            endpoint: &endpoint,
+            source: &source,
             cancel: &cancel,
             heartbeat: Some(&heartbeat),
             progress: None,
@@ -353,7 +357,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             slot: Some(at),
         })
         .await;
-        let fenced = matches!(&r, Err(e) if e.fenced);
+        let fenced = matches!(&r, Err(e) if e.is_fenced());
         if let Err(e) = &r {
             if let Some(k) = &e.unaborted_upload {
                 leftovers.push(k.clone());
@@ -381,7 +385,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             Err(e) if cancel.is_cancelled() => {
                 tracing::warn!(error = %e, "backup aborted by shutdown");
             }
-            Err(e) if e.fenced => {
+            Err(e) if e.is_fenced() => {
                 tracing::warn!(stage = %e.stage, error = %e.message, "backup aborted: leadership lost; nothing was committed");
             }
             Err(e) => {
@@ -636,16 +640,16 @@ async fn abort_uploads_before(store: &BackupStore, since: DateTime<Utc>) {
             for (up, r) in aborts {
                 match r {
                     Ok(()) => {
-                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader")
+                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted an incomplete upload of an earlier leader");
                     }
                     Err(e) => {
-                        tracing::warn!(key = %up.key, error = %e, "cannot abort an incomplete upload of an earlier leader; prune retries")
+                        tracing::warn!(key = %up.key, error = %e, "cannot abort an incomplete upload of an earlier leader; prune retries");
                     }
                 }
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list incomplete uploads of earlier leaders; prune retries")
+            tracing::warn!(error = %e, "cannot list incomplete uploads of earlier leaders; prune retries");
         }
     }
 }
@@ -667,7 +671,7 @@ async fn clean_leftovers(store: &BackupStore, leftovers: &mut Vec<String>) {
     for (up, r) in aborts {
         match r {
             Ok(()) => {
-                tracing::info!(key = %up.key, "cleaned up the incomplete upload of an earlier failed cycle")
+                tracing::info!(key = %up.key, "cleaned up the incomplete upload of an earlier failed cycle");
             }
             Err(e) => {
                 tracing::debug!(key = %up.key, error = %e, "the incomplete upload cannot be aborted yet");

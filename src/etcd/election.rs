@@ -148,12 +148,18 @@ impl Term {
 
     /// Time left until the lease may expire, by the local conservative deadline.
     pub fn remaining(&self) -> Duration {
-        let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        let until = *self
+            .valid_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         until.saturating_duration_since(Instant::now())
     }
 
     fn extend(&self, until: Instant) {
-        let mut v = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self
+            .valid_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if until > *v {
             *v = until;
         }

@@ -95,7 +95,9 @@ pub async fn revision_and_key_count(endpoint: &str) -> Result<(i64, u64), String
         .with_all_keys()
         .with_count_only();
     let resp = c.get("", Some(opts)).await.map_err(|e| describe(&e))?;
-    let revision = resp.header().map_or(0, |h| h.revision());
+    let revision = resp
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
     Ok((revision, resp.count() as u64))
 }
 
@@ -242,7 +244,7 @@ impl Member {
         let mut m = self.client.maintenance_client();
         let st = self.timed("a status request", m.status()).await?;
         let header = st.header();
-        let member_id = header.map_or(0, |h| h.member_id());
+        let member_id = header.map_or(0, etcd_client::ResponseHeader::member_id);
         let mut c = self.client.cluster_client();
         let members = self.timed("a member list request", c.member_list()).await?;
         let member_name = members
@@ -257,9 +259,9 @@ impl Member {
             db_size: st.db_size(),
             db_size_in_use: st.raft_used_db_size(),
             db_quota: (quota > 0).then_some(quota),
-            revision: header.map_or(0, |h| h.revision()),
+            revision: header.map_or(0, etcd_client::ResponseHeader::revision),
             member_id,
-            cluster_id: header.map_or(0, |h| h.cluster_id()),
+            cluster_id: header.map_or(0, etcd_client::ResponseHeader::cluster_id),
             member_name,
             errors: st.errors().to_vec(),
         })

@@ -64,7 +64,7 @@ fn free_port() -> Result<u16, String> {
 pub async fn run(
     cfg: &Config,
     store: &BackupStore,
-    identity: Option<&std::path::Path>,
+    identity: Option<&Path>,
 ) -> Result<DrillReport, String> {
     let started = Instant::now();
     let identities =

@@ -240,8 +240,7 @@ pub async fn fetch_to_file(
             .map_err(|e| RestoreError::Corrupt {
                 id: m.id.to_string(),
                 detail: format!(
-                    "reading or decompressing the stored object {} failed ({e}): it was modified or damaged in storage, or the download broke off",
-                    object
+                    "reading or decompressing the stored object {object} failed ({e}): it was modified or damaged in storage, or the download broke off"
                 ),
             })?;
         if n == 0 {

@@ -88,7 +88,7 @@ impl Default for RetentionPolicy {
 
 impl RetentionPolicy {
     /// The policy of `[retention]`, with periods evaluated in `tz`.
-    pub fn from_config(cfg: &crate::config::RetentionConfig, tz: chrono_tz::Tz) -> RetentionPolicy {
+    pub fn from_config(cfg: &crate::config::RetentionConfig, tz: Tz) -> RetentionPolicy {
         RetentionPolicy {
             keep_last: cfg.keep_last,
             keep_hourly: cfg.keep_hourly,
@@ -683,7 +683,10 @@ mod tests {
         let p = plan(&backups, utc(2026, 10, 26, 0, 0), &policy);
         assert_eq!(
             survivors(&p),
-            ["a", "b", "d"].iter().map(|s| s.to_string()).collect()
+            ["a", "b", "d"]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect()
         );
         let labels: Vec<String> = p.kept().map(|d| d.action.to_string()).collect();
         assert!(
@@ -717,7 +720,7 @@ mod tests {
             survivors(&p),
             ["sat-late", "sun-3"]
                 .iter()
-                .map(|s| s.to_string())
+                .map(std::string::ToString::to_string)
                 .collect()
         );
         // In UTC all three fall on 2026-03-08: only the newest day survives there.
@@ -731,7 +734,10 @@ mod tests {
         );
         assert_eq!(
             survivors(&p),
-            ["sun-3"].iter().map(|s| s.to_string()).collect()
+            ["sun-3"]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect()
         );
     }
 
@@ -754,7 +760,10 @@ mod tests {
         let p = plan(&backups, utc(2026, 3, 2, 0, 0), &policy);
         assert_eq!(
             survivors(&p),
-            ["feb28", "jan30"].iter().map(|s| s.to_string()).collect()
+            ["feb28", "jan30"]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect()
         );
         // 2026-12-28 (Mon) and 2027-01-03 (Sun) are both in ISO week 2026-W53.
         let backups = vec![
@@ -771,7 +780,10 @@ mod tests {
         let p = plan(&backups, utc(2027, 1, 4, 0, 0), &policy);
         assert_eq!(
             survivors(&p),
-            ["sun", "w52"].iter().map(|s| s.to_string()).collect()
+            ["sun", "w52"]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect()
         );
         assert!(p.decisions[0].action.to_string().contains("2026-W53"));
     }

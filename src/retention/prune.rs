@@ -317,7 +317,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut warnings = Vec::new();
     match &input.uploads {
         Ok(uploads) => {
-            for up in uploads.iter() {
+            for up in *uploads {
                 if now
                     .checked_sub_signed(STALE_UPLOAD_AGE)
                     .is_some_and(|c| up.initiated < c)

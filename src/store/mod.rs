@@ -166,7 +166,7 @@ fn with_server_side_options(
     match &cfg.sse {
         None => {}
         Some(Sse::S3) => b = b.with_config(key("aws_server_side_encryption")?, "AES256"),
-        Some(Sse::Kms { key_id }) | Some(Sse::DsseKms { key_id }) => {
+        Some(Sse::Kms { key_id } | Sse::DsseKms { key_id }) => {
             let kind = if matches!(cfg.sse, Some(Sse::Kms { .. })) {
                 "aws:kms"
             } else {
@@ -916,7 +916,7 @@ mod tests {
             .unwrap();
         up.put(Bytes::from_static(b"data")).await.unwrap();
         up.finish().await.unwrap();
-        let mut m = crate::store::manifest::sample(&id_c.to_string(), id_c.time());
+        let mut m = manifest::sample(&id_c.to_string(), id_c.time());
         m.object = l.data_key(&id_c, ".zst");
         store.put_manifest(&id_c, &m).await.unwrap();
 

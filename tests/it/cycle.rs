@@ -507,7 +507,7 @@ async fn the_daemon_runs_scheduled_cycles_one_at_a_time_and_stops_cleanly() {
     text_cfg.push_str("\n[schedule]\ncron = \"*/2 * * * * *\"\n");
     std::fs::write(&config, text_cfg).unwrap();
 
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backup"))
+    let child = Command::new(env!("CARGO_BIN_EXE_etcd-backup"))
         .args(["run", "--config", config.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -31,7 +31,9 @@ fn options() -> FleetOptions {
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now() -> chrono::DateTime<chrono::Utc> {

@@ -10,9 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn promtool() -> PathBuf {
-    let p = std::env::var_os("EB_PROMTOOL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| support::deps_dir().join("prometheus/usr/bin/promtool"));
+    let p = std::env::var_os("EB_PROMTOOL").map_or_else(
+        || support::deps_dir().join("prometheus/usr/bin/promtool"),
+        PathBuf::from,
+    );
     assert!(
         p.exists(),
         "promtool not found at {}: run scripts/install-deps.sh (or set EB_PROMTOOL)",

@@ -245,7 +245,10 @@ fn soak() {
         };
         *actions.entry(name).or_default() += 1;
         for (i, n) in f.nodes.iter_mut().enumerate() {
-            let running = n.proc.as_mut().is_some_and(|p| p.is_running());
+            let running = n
+                .proc
+                .as_mut()
+                .is_some_and(super::support::ChildProc::is_running);
             assert!(
                 running,
                 "daemon {i} died:\n{}",

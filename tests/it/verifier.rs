@@ -349,7 +349,7 @@ fn swapped_and_zeroed_pages_and_trailer_damage_are_rejected() {
     trailer[n - 5] ^= 0x80;
     match verify_bytes(&trailer, &FULL) {
         Err(e @ VerifyError::TrailerMismatch { .. }) => {
-            assert!(e.to_string().contains("does not match"), "{e}")
+            assert!(e.to_string().contains("does not match"), "{e}");
         }
         other => panic!("{other:?}"),
     }

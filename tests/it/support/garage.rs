@@ -207,11 +207,11 @@ impl Garage {
                 return;
             }
             assert!(
-                start.elapsed() < std::time::Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(20),
                 "bucket {bucket} still has {n} unfinished multipart uploads after 20 s, want {want}; Garage log:\n{}",
                 self.log_tail()
             );
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

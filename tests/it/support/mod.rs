@@ -98,8 +98,7 @@ impl ChildProc {
         let ok = Command::new("kill")
             .args(["-s", sig, &self.pid().to_string()])
             .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+            .is_ok_and(|s| s.success());
         assert!(ok, "kill -s {sig} {} ({}) failed", self.pid(), self.name);
     }
 
