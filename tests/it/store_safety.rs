@@ -540,6 +540,150 @@ fn a_compression_bomb_is_stopped_at_the_declared_size() {
     );
 }
 
+/// A raw S3 client for `bucket` on the test Garage.
+fn raw_s3(bucket: &str) -> object_store::aws::AmazonS3 {
+    let g = crate::support::garage::garage();
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_endpoint(&g.s3_endpoint)
+        .with_region("garage")
+        .with_allow_http(true)
+        .with_access_key_id(&g.access_key_id)
+        .with_secret_access_key(&g.secret_access_key)
+        .build()
+        .unwrap()
+}
+
+/// A configuration for `s3://bucket/prefix` on the test Garage.
+fn s3_config(
+    dir: &Path,
+    file: &str,
+    etcd: &str,
+    bucket: &str,
+    prefix: &str,
+    name: &str,
+) -> PathBuf {
+    let g = crate::support::garage::garage();
+    let p = dir.join(file);
+    std::fs::write(
+        &p,
+        format!(
+            "[etcd]\nendpoints = [\"{etcd}\"]\n[storage]\nurl = \"s3://{bucket}/{prefix}\"\nendpoint = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n[backup]\ncluster_name = \"{name}\"\ntimeout = \"1s\"\nspool_dir = \"{}\"\n[retention]\nkeep_last = 10\nmin_keep = 3\n",
+            g.s3_endpoint,
+            g.access_key_id,
+            g.secret_access_key,
+            dir.join("spool").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Every key in `bucket`, sorted.
+async fn s3_keys(s3: &object_store::aws::AmazonS3) -> Vec<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let mut v: Vec<String> = s3
+        .list(None)
+        .map_ok(|o| o.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_copied_to_another_backend_bucket_and_prefix_stay_backups() {
+    use object_store::ObjectStoreExt;
+    let (_bins, etcd) = start_etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let url = etcd.client_url(0);
+    let take = config(dir.path(), "take.toml", &url, &store, "kubernetes", "");
+    let mut taken = Vec::new();
+    for i in 0..3 {
+        etcd.put(&format!("/k{i}"), "v");
+        taken.push(snapshot(&take));
+    }
+    let newest = taken[2].clone();
+    taken.sort();
+    // file:// -> S3 (another backend, a prefix and another cluster name), as `aws s3 sync`
+    // leaves it.
+    let (b1, b2) = {
+        let g = crate::support::garage::garage();
+        (g.create_bucket("moved-a"), g.create_bucket("moved-b"))
+    };
+    let s1 = raw_s3(&b1);
+    for f in files_under(&store.join("kubernetes")) {
+        let rel = Path::new(&f)
+            .strip_prefix(store.join("kubernetes"))
+            .unwrap();
+        let key = format!("moved/prod/{}", rel.display());
+        s1.put(
+            &object_store::path::Path::from(key.as_str()),
+            std::fs::read(&f).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    }
+    // S3 bucket -> another bucket under another prefix.
+    let s2 = raw_s3(&b2);
+    for k in s3_keys(&s1).await {
+        let body = s1
+            .get(&object_store::path::Path::from(k.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let key = k.replacen("moved/prod/", "deep/er/prod/", 1);
+        s2.put(&object_store::path::Path::from(key.as_str()), body.into())
+            .await
+            .unwrap();
+    }
+    wait_older_than(&taken, 3);
+    for (cfg, s3) in [
+        (
+            s3_config(dir.path(), "b1.toml", &url, &b1, "moved", "prod"),
+            &s1,
+        ),
+        (
+            s3_config(dir.path(), "b2.toml", &url, &b2, "deep/er", "prod"),
+            &s2,
+        ),
+    ] {
+        let before = s3_keys(s3).await;
+        assert_eq!(before.len(), 6);
+        let mut got = ids(&list(&cfg, &[]));
+        got.sort();
+        assert_eq!(got, taken, "list shows the copies");
+        let o = ok(&["verify", "--all", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).matches(": OK").count(),
+            3
+        );
+        let out = dir.path().join(format!("{}.db", before[0].len()));
+        let o = ok(&[
+            "restore",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(&newest),
+            "{}",
+            text(&o)
+        );
+        std::fs::remove_file(&out).unwrap();
+        let r = prune(&cfg, &[]);
+        assert_eq!(r["deleted"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["orphans_removed"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(s3_keys(s3).await, before, "prune deleted copies");
+    }
+}
+
 fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
