@@ -721,7 +721,10 @@ async fn missed_slot(
     let Some(prev) = state.config.schedule.parsed.previous_at_or_before(now) else {
         return Ok(None);
     };
-    Ok(match state.store.newest(now, None).await? {
+    // This cluster's backups only: another cluster's under the same name must not stand in
+    // for ours (unknown while etcd is unreachable; the cycle would fail then anyway).
+    let local = crate::etcd::local_cluster_id(&state.config.etcd).await.ok();
+    Ok(match state.store.newest(now, local.as_deref()).await? {
         (_, Some(m)) if m.slot.unwrap_or(m.time) >= prev => None,
         _ => Some(prev),
     })

@@ -684,6 +684,82 @@ async fn backups_copied_to_another_backend_bucket_and_prefix_stay_backups() {
     }
 }
 
+#[test]
+fn the_daemon_counts_and_warns_about_foreign_and_future_backups_and_keeps_them() {
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let ours = EtcdCluster::start(&bins, 1);
+    let theirs = EtcdCluster::start(&bins, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let policy = "[retention]\nkeep_last = 1\nmin_keep = 1";
+    // Another cluster's backups under the same cluster name, and one of ours dated ahead.
+    let other = config(
+        dir.path(),
+        "other.toml",
+        &theirs.client_url(0),
+        &store,
+        "kubernetes",
+        policy,
+    );
+    theirs.put("/t", "v");
+    let foreign = [snapshot(&other), snapshot(&other)];
+    let oneshot = config(
+        dir.path(),
+        "one.toml",
+        &ours.client_url(0),
+        &store,
+        "kubernetes",
+        policy,
+    );
+    ours.put("/o", "v");
+    let ahead = chrono::Utc::now() + chrono::Duration::days(365);
+    let future = redate(&store.join("kubernetes"), &snapshot(&oneshot), ahead, false);
+
+    let port = crate::support::free_port();
+    let cfg = config(
+        dir.path(),
+        "daemon.toml",
+        &ours.client_url(0),
+        &store,
+        "kubernetes",
+        &format!("{policy}\n[schedule]\ncron = \"*/2 * * * * *\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nrefresh_interval = \"1s\"\nstore_refresh_interval = \"1s\"\n"),
+    );
+    let log = dir.path().join("daemon.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+    cmd.args(["run", "--config", cfg.to_str().unwrap()]);
+    let mut daemon = crate::support::ChildProc::spawn("etcd-backup", cmd, &log);
+    let scrape =
+        || crate::support::http_get(port, "/metrics", Duration::from_secs(2)).unwrap_or_default();
+    let gauge = |name: &str| crate::support::metric(&scrape(), name);
+    crate::support::wait_until("two pruned cycles", Duration::from_secs(60), || {
+        gauge("etcd_backup_pruned_total").unwrap_or(0.0) >= 1.0
+            && gauge("etcd_backup_foreign_backups") == Some(2.0)
+    });
+    assert_eq!(gauge("etcd_backup_future_backups"), Some(1.0));
+    // The last success is ours and not from the future.
+    let last = gauge("etcd_backup_last_success_timestamp_seconds").unwrap();
+    assert!(
+        last > 0.0 && last < (chrono::Utc::now().timestamp() + 60) as f64,
+        "{last}"
+    );
+    let age = gauge("etcd_backup_last_success_age_seconds").unwrap();
+    assert!(age >= 0.0, "{age}");
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("backups of another etcd cluster"), "{text}");
+    assert!(
+        text.contains("dated more than 5 minutes in the future"),
+        "{text}"
+    );
+    // Pruned down to our newest, with every foreign and future backup still there.
+    let left = ids(&list(&oneshot, &[]));
+    for id in foreign.iter().chain([&future]) {
+        assert!(left.contains(id), "{id} was pruned: {left:?}");
+    }
+    assert_eq!(left.len(), 4, "{left:?}");
+}
+
 fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
