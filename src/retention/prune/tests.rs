@@ -587,3 +587,52 @@ proptest! {
         prop_assert_eq!(p.decisions.len(), listing.backups.len());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Over random in-memory stores (some deletes failing), the real run deletes exactly
+    /// the keys of the plan the dry run printed, minus what failed, and nothing else.
+    #[test]
+    fn a_real_run_does_exactly_the_dry_runs_plan(dirs in arb_dirs(), pol in arb_policy(), failing in proptest::collection::vec(any::<prop::sample::Index>(), 0..3)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (store, f) = faulty("p", "c");
+            let layout = store.layout().clone();
+            let listing = build(&dirs, &layout);
+            // Write what the listing describes.
+            for m in listing.backups.iter().chain(listing.dangling.iter().map(|(m, _)| m)) {
+                store.put_manifest(&m.id, m).await.unwrap();
+            }
+            for (k, _) in &listing.unreadable {
+                f.put(&object_store::path::Path::from(k.as_str()), "{".into()).await.unwrap();
+            }
+            for objs in listing.data_objects.values() {
+                for o in objs {
+                    f.put(&object_store::path::Path::from(o.key.as_str()), "d".into()).await.unwrap();
+                }
+            }
+            let before: BTreeSet<String> = keys(f.as_ref()).await.into_iter().collect();
+            let dry = prune(&store, &pol, now(), Duration::from_secs(3600), LOCAL, true).await.unwrap();
+            prop_assert_eq!(keys(f.as_ref()).await.len(), before.len());
+            let all: Vec<&String> = before.iter().collect();
+            let fail: std::collections::HashSet<String> = if all.is_empty() {
+                Default::default()
+            } else {
+                failing.iter().map(|i| i.get(&all).to_string()).collect()
+            };
+            f.faults.lock().unwrap().delete = fail.clone();
+            let real = prune(&store, &pol, now(), Duration::from_secs(3600), LOCAL, false).await.unwrap();
+            prop_assert_eq!(dry.plan.render(), real.plan.render());
+            let after: BTreeSet<String> = keys(f.as_ref()).await.into_iter().collect();
+            let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
+            let planned: BTreeSet<String> = dry.plan.steps.iter().flat_map(Step::keys).map(String::from).collect();
+            prop_assert!(gone.is_subset(&planned), "deleted outside the plan: {:?}", gone.difference(&planned).collect::<Vec<_>>());
+            prop_assert!(gone.iter().all(|k| !fail.contains(k)));
+            if fail.is_empty() {
+                prop_assert_eq!(&gone, &planned);
+            }
+            Ok(())
+        })?;
+    }
+}
