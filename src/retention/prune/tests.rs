@@ -619,7 +619,7 @@ proptest! {
             let fail: std::collections::HashSet<String> = if all.is_empty() {
                 Default::default()
             } else {
-                failing.iter().map(|i| i.get(&all).to_string()).collect()
+                failing.iter().map(|i| (*i.get(&all)).clone()).collect()
             };
             f.faults.lock().unwrap().delete = fail.clone();
             let real = prune(&store, &pol, now(), Duration::from_secs(3600), LOCAL, false).await.unwrap();
