@@ -60,11 +60,28 @@ grep -q "^# edited by the operator$" /etc/etcd-backup/config.toml || fail "the e
 [ "$(stat -c '%a %U %G' /etc/etcd-backup/config.toml)" = "640 root etcd-backup" ] || fail "config mode changed on upgrade"
 pass "upgrade keeps the configuration and its mode"
 
-echo "== dpkg --purge"
-dpkg --purge etcd-backup
-for p in /usr/bin/etcd-backup /etc/etcd-backup /var/lib/etcd-backup "$unit" \
+echo "== dpkg --purge (backups are kept)"
+# A backup in the default local store and a spool left by a cycle.
+install -d -o etcd-backup -g etcd-backup /var/lib/etcd-backup/backups/kubernetes/20260101T000000Z-abcdef \
+  /var/lib/etcd-backup/spool/cycle-1
+echo data > /var/lib/etcd-backup/backups/kubernetes/20260101T000000Z-abcdef/snapshot.db.zst
+echo '{}' > /var/lib/etcd-backup/backups/kubernetes/20260101T000000Z-abcdef/manifest.json
+echo scratch > /var/lib/etcd-backup/spool/cycle-1/part
+purge_out=$(dpkg --purge etcd-backup 2>&1)
+echo "$purge_out"
+for p in /usr/bin/etcd-backup /etc/etcd-backup /var/lib/etcd-backup/spool "$unit" \
          /etc/systemd/system/multi-user.target.wants/etcd-backup.service; do
   [ ! -e "$p" ] || fail "$p still there after purge"
 done
-pass "purge removed everything"
+for f in snapshot.db.zst manifest.json; do
+  [ -f "/var/lib/etcd-backup/backups/kubernetes/20260101T000000Z-abcdef/$f" ] || fail "purge deleted a backup ($f)"
+done
+echo "$purge_out" | grep -q "purge kept /var/lib/etcd-backup" || fail "purge does not say where the backups are"
+pass "purge removed the package, config and spool, and kept the backups"
+rm -rf /var/lib/etcd-backup
+# Without backups, purge leaves nothing.
+dpkg -i "$deb" >/dev/null
+dpkg --purge etcd-backup >/dev/null
+[ ! -e /var/lib/etcd-backup ] || fail "/var/lib/etcd-backup still there after purging an install without backups"
+pass "purge of an install without backups removes the state directory"
 echo "test-deb: $PASSED passed, 0 failed"

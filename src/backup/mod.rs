@@ -467,7 +467,13 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
         member_name: status.member_name.clone(),
         endpoint: input.source.endpoint().to_string(),
         cluster_name: cfg.backup.cluster_name.clone(),
-        object: snap.data_key.clone(),
+        // The file name only: the backup's directory is wherever its manifest is.
+        object: snap
+            .data_key
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
         stored_sha256: hex::encode(piped.stored_sha256),
         revision_before: status.revision,
         db_size: status.db_size,

@@ -68,6 +68,10 @@ pub enum Command {
         /// Print one JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// The etcd cluster id whose backups count as this cluster's (default: the local
+        /// member's); others are marked foreign.
+        #[arg(long, value_name = "ID")]
+        cluster_id: Option<String>,
     },
     /// Verify backups end to end (download, decompress, sha256 against the manifest, the
     /// built-in snapshot verifier), or a local snapshot file with `--file`.
@@ -92,6 +96,11 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// The etcd cluster id whose backups to use (16 hex digits, the CLUSTER ID column of
+        /// `list`), instead of the local member's: after a disaster (the new cluster has a
+        /// new id) or to act on an old cluster's backups on purpose.
+        #[arg(long, value_name = "ID")]
+        cluster_id: Option<String>,
     },
     /// Write a verified snapshot file ready for `etcdutl snapshot restore`.
     Restore {
@@ -120,6 +129,11 @@ pub enum Command {
         /// member alone).
         #[arg(long)]
         initial_cluster: Option<String>,
+        /// The etcd cluster id whose backups to use (16 hex digits, the CLUSTER ID column of
+        /// `list`), instead of the local member's: after a disaster (the new cluster has a
+        /// new id) or to act on an old cluster's backups on purpose.
+        #[arg(long, value_name = "ID")]
+        cluster_id: Option<String>,
     },
     /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
     Prune {
@@ -131,6 +145,11 @@ pub enum Command {
         /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
+        /// The etcd cluster id whose backups to use (16 hex digits, the CLUSTER ID column of
+        /// `list`), instead of the local member's: after a disaster (the new cluster has a
+        /// new id) or to act on an old cluster's backups on purpose.
+        #[arg(long, value_name = "ID")]
+        cluster_id: Option<String>,
     },
     /// Run a restore drill now: download the newest backup, verify it, restore it into a
     /// throwaway etcd (when etcd and etcdutl are available) and check what it serves.

@@ -6,7 +6,7 @@ use crate::backup::spool;
 use crate::backup::{self, CycleInput};
 use crate::commands::cli::{Command, ConfigArg};
 use crate::config::{Config, ConfigError};
-use crate::store::manifest::Manifest;
+use crate::store::manifest::{printable, Manifest};
 use crate::store::BackupStore;
 use crate::units::human_bytes;
 use crate::{daemon, restore as fetch, verify};
@@ -57,9 +57,13 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             let cfg = Config::load(&config.config)?;
             status(&cfg, json).await
         }
-        Command::List { config, json } => {
+        Command::List {
+            config,
+            json,
+            cluster_id,
+        } => {
             let cfg = Config::load(&config.config)?;
-            list(&cfg, json).await
+            list(&cfg, json, cluster_id).await
         }
         Command::Verify {
             config,
@@ -68,11 +72,16 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             file,
             identity,
             json,
+            cluster_id,
         } => match file {
             Some(file) => verify_file(&file, json).await,
             None => {
                 let cfg = Config::load(&config)?;
-                verify_backups(&cfg, &backup, all, json, identity.as_deref()).await
+                let which = Which {
+                    backup: &backup,
+                    cluster_id,
+                };
+                verify_backups(&cfg, &which, all, json, identity.as_deref()).await
             }
         },
         Command::Restore {
@@ -84,6 +93,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             name,
             peer_url,
             initial_cluster,
+            cluster_id,
         } => {
             let cfg = Config::load(&config.config)?;
             let member = data_dir.map(|dir| {
@@ -97,15 +107,20 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
                     cluster,
                 }
             });
-            restore(&cfg, &backup, &output, member, identity.as_deref()).await
+            let which = Which {
+                backup: &backup,
+                cluster_id,
+            };
+            restore(&cfg, &which, &output, member, identity.as_deref()).await
         }
         Command::Prune {
             config,
             dry_run,
             json,
+            cluster_id,
         } => {
             let cfg = Config::load(&config.config)?;
-            prune(&cfg, dry_run, json).await
+            prune(&cfg, dry_run, json, cluster_id).await
         }
         Command::Keygen { output } => {
             let recipient = crate::codec::crypt::keygen(&output).map_err(failed)?;
@@ -266,7 +281,11 @@ async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
         None
     };
     let store = open_store(cfg)?;
-    let newest = store.newest().await.map_err(|e| e.to_string());
+    let local = crate::etcd::local_cluster_id(&cfg.etcd).await.ok();
+    let newest = store
+        .newest(chrono::Utc::now(), local.as_deref())
+        .await
+        .map_err(|e| e.to_string());
     if json {
         let v = serde_json::json!({
             "election": {
@@ -322,7 +341,7 @@ async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
                     m.revision,
                     m.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
                     ago(m.finished_at),
-                    m.node
+                    printable(&m.node)
                 );
                 println!("backups:       {count} in {}", store.url());
             }
@@ -337,15 +356,98 @@ async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
     }
 }
 
-async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
+/// The cluster whose backups a command acts on: `--cluster-id`, else the local member's.
+///
+/// # Errors
+/// When etcd cannot be reached and no `--cluster-id` was given: the message says so and
+/// what to pass.
+async fn cluster_for(
+    cfg: &Config,
+    flag: Option<String>,
+    what: &str,
+) -> Result<String, CommandError> {
+    if let Some(id) = flag {
+        return Ok(id.trim().to_ascii_lowercase());
+    }
+    crate::etcd::local_cluster_id(&cfg.etcd).await.map_err(|e| {
+        failed(format!(
+            "{what} needs this cluster's id and etcd cannot be reached to learn it ({e}); pass --cluster-id ID (the CLUSTER ID column of `etcd-backup list`) to choose the cluster's backups explicitly"
+        ))
+    })
+}
+
+/// Which backup a command was asked for.
+struct Which<'a> {
+    /// An id, or `latest`.
+    backup: &'a str,
+    /// `--cluster-id`.
+    cluster_id: Option<String>,
+}
+
+/// Picks the backup `which` names: an explicit id always (any cluster, any date);
+/// `latest` only among the selected cluster's backups not dated in the future.
+async fn pick<'l>(
+    cfg: &Config,
+    listing: &'l crate::store::Listing,
+    which: &Which<'_>,
+) -> Result<&'l Manifest, CommandError> {
+    let cluster = if which.backup == "latest" {
+        Some(cluster_for(cfg, which.cluster_id.clone(), "`latest`").await?)
+    } else {
+        which.cluster_id.clone()
+    };
+    fetch::select(
+        listing,
+        which.backup,
+        chrono::Utc::now(),
+        cluster.as_deref(),
+    )
+    .map_err(failed)
+}
+
+/// What a backup is, seen from this cluster.
+fn marks(
+    m: &Manifest,
+    now: chrono::DateTime<chrono::Utc>,
+    local: Option<&str>,
+) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if local.is_some_and(|c| c != m.cluster_id) {
+        out.push("foreign");
+    }
+    if m.is_future(now) {
+        out.push("future");
+    }
+    out
+}
+
+async fn list(cfg: &Config, json: bool, cluster_id: Option<String>) -> Result<(), CommandError> {
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
     for (key, why) in &listing.unreadable {
-        tracing::warn!(key = %key, reason = %why, "ignoring a manifest that cannot be read");
+        tracing::warn!(key = %printable(key), reason = %printable(why), "ignoring a manifest that cannot be read");
     }
+    let local = match cluster_for(cfg, cluster_id, "marking other clusters' backups").await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("note: backups of other clusters are not marked: {e}");
+            None
+        }
+    };
+    let now = chrono::Utc::now();
     let mut out = std::io::stdout().lock();
     if json {
-        let entries: Vec<ListEntry> = listing.backups.iter().map(ListEntry::from).collect();
+        let entries: Vec<serde_json::Value> = listing
+            .backups
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(ListEntry::from(m)).unwrap_or_default();
+                let mk = marks(m, now, local.as_deref());
+                v["foreign"] = mk.contains(&"foreign").into();
+                v["future"] = mk.contains(&"future").into();
+                v
+            })
+            .collect();
         serde_json::to_writer_pretty(&mut out, &entries).map_err(failed)?;
         writeln!(out).map_err(failed)?;
         return Ok(());
@@ -358,29 +460,32 @@ async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
         );
         return Ok(());
     }
-    let rows: Vec<[String; 10]> = listing
+    let rows: Vec<[String; 11]> = listing
         .backups
         .iter()
         .map(|m| {
+            let p = |s: &str| printable(s).into_owned();
             [
+                marks(m, now, local.as_deref()).join(","),
                 m.id.to_string(),
                 m.time.format("%Y-%m-%d %H:%M:%SZ").to_string(),
                 m.revision.to_string(),
                 human_bytes(m.size),
                 human_bytes(m.stored_size),
                 m.compression.to_string(),
-                m.etcd_version.clone(),
-                m.cluster_id.clone(),
+                p(&m.etcd_version),
+                p(&m.cluster_id),
                 if m.member_name.is_empty() {
-                    m.member.clone()
+                    p(&m.member)
                 } else {
-                    format!("{} ({})", m.member_name, m.member)
+                    format!("{} ({})", p(&m.member_name), p(&m.member))
                 },
-                m.sha256.clone(),
+                p(&m.sha256),
             ]
         })
         .collect();
     let header = [
+        "MARK",
         "ID",
         "TIME (UTC)",
         "REVISION",
@@ -411,6 +516,24 @@ async fn list(cfg: &Config, json: bool) -> Result<(), CommandError> {
     writeln!(out, "{}", line(header.to_vec())).map_err(failed)?;
     for r in &rows {
         writeln!(out, "{}", line(r.iter().map(String::as_str).collect())).map_err(failed)?;
+    }
+    let count = |mark| {
+        listing
+            .backups
+            .iter()
+            .filter(|m| marks(m, now, local.as_deref()).contains(&mark))
+            .count()
+    };
+    if count("foreign") > 0 {
+        eprintln!(
+            "foreign: made by another etcd cluster than {} (another cluster id under the same cluster_name): never pruned or restored as latest from here; --cluster-id selects them",
+            local.as_deref().unwrap_or("?")
+        );
+    }
+    if count("future") > 0 {
+        eprintln!(
+            "future: dated more than 5 minutes after now (a wrong clock, or not written by etcd-backup): never latest and never aged out; check the clocks of the nodes"
+        );
     }
     Ok(())
 }
@@ -470,7 +593,13 @@ async fn verify_file(path: &std::path::Path, json: bool) -> Result<(), CommandEr
     Ok(())
 }
 
-async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandError> {
+async fn prune(
+    cfg: &Config,
+    dry_run: bool,
+    json: bool,
+    cluster_id: Option<String>,
+) -> Result<(), CommandError> {
+    let cluster = cluster_for(cfg, cluster_id, "prune").await?;
     let store = open_store(cfg)?;
     let policy =
         crate::retention::RetentionPolicy::from_config(&cfg.retention, cfg.schedule.timezone);
@@ -478,51 +607,68 @@ async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandErr
         &store,
         &policy,
         chrono::Utc::now(),
-        cfg.backup.timeout * 2,
+        cfg.backup.timeout.saturating_mul(2),
+        &cluster,
         dry_run,
     )
     .await
     .map_err(failed)?;
+    let plan = &outcome.plan;
     if json {
         let v = serde_json::json!({
             "dry_run": dry_run,
-            "plan": outcome.plan,
-            "deleted": outcome.deleted,
-            "orphans_removed": outcome.orphans_removed,
-            "uploads_aborted": outcome.uploads_aborted,
-            "failed": outcome.failed,
-            "foreign_objects": outcome.foreign,
-            "unreadable_manifests": outcome.unreadable,
+            "cluster_id": cluster,
+            "plan": plan,
+            "deleted": outcome.deleted(),
+            "orphans_removed": outcome.cleaned_where(false),
+            "uploads_aborted": outcome.cleaned_where(true),
+            "skipped": outcome.executed.as_ref().map(|e| e.skipped.iter().map(|(s, why)| serde_json::json!({"step": s, "why": why})).collect::<Vec<_>>()),
+            "failed": outcome.failed(),
+            "foreign_objects": plan.foreign_objects,
+            "foreign_backups": plan.foreign_backups,
+            "future_backups": plan.future_backups,
+            "unreadable_manifests": plan.left_alone.iter().filter(|l| l.reason.starts_with("unreadable")).count(),
         });
         println!("{}", serde_json::to_string_pretty(&v).map_err(failed)?);
     } else {
-        for d in &outcome.plan.decisions {
-            println!(
-                "{}  {}  {}",
-                d.id,
-                d.time.format("%Y-%m-%d %H:%M:%SZ"),
-                d.action
-            );
-        }
+        print!("{}", plan.render());
+        let n_delete = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, crate::retention::prune::Step::DeleteBackup { .. }))
+            .count();
         let verb = if dry_run { "would delete" } else { "deleted" };
-        let n_delete = outcome.plan.to_delete().count();
+        let n_done = if dry_run {
+            n_delete
+        } else {
+            outcome.deleted().len()
+        };
         println!(
-            "{} backups: {verb} {}, kept {}; orphaned data objects {}: {}; stale incomplete uploads aborted: {}; objects not ours (left alone): {}",
-            outcome.plan.decisions.len(),
-            if dry_run { n_delete } else { outcome.deleted.len() },
-            outcome.plan.decisions.len() - n_delete,
-            if dry_run { "to remove" } else { "removed" },
-            outcome.orphans_removed.len(),
-            outcome.uploads_aborted.len(),
-            outcome.foreign
+            "{} backups: {verb} {n_done}, kept {}; other deletions {}: {}; deferred: {}; objects not ours (left alone): {}",
+            plan.decisions.len(),
+            plan.decisions.len() - n_delete,
+            if dry_run { "planned" } else { "done" },
+            if dry_run {
+                plan.steps.len() - n_delete
+            } else {
+                outcome.cleaned().len()
+            },
+            plan.deferred.len(),
+            plan.foreign_objects
         );
+        if let Some(ex) = &outcome.executed {
+            for (s, why) in &ex.skipped {
+                println!("skipped: {s}: {why}");
+            }
+        }
     }
-    if !outcome.failed.is_empty() {
+    let failed_list = outcome.failed();
+    if !failed_list.is_empty() {
         return Err(failed(format!(
             "{} deletions failed (they are retried at the next prune); first: {}: {}",
-            outcome.failed.len(),
-            outcome.failed[0].0,
-            outcome.failed[0].1
+            failed_list.len(),
+            printable(&failed_list[0].0),
+            failed_list[0].1
         )));
     }
     Ok(())
@@ -530,7 +676,7 @@ async fn prune(cfg: &Config, dry_run: bool, json: bool) -> Result<(), CommandErr
 
 async fn verify_backups(
     cfg: &Config,
-    which: &str,
+    which: &Which<'_>,
     all: bool,
     json: bool,
     identity: Option<&std::path::Path>,
@@ -543,7 +689,7 @@ async fn verify_backups(
     let chosen: Vec<&Manifest> = if all {
         listing.backups.iter().collect()
     } else {
-        vec![fetch::select(&listing, which).map_err(failed)?]
+        vec![pick(cfg, &listing, which).await?]
     };
     let tmp = tempdir_in(&cfg.backup.spool_dir)?;
     let mut results = Vec::new();
@@ -613,7 +759,7 @@ struct RestoreMember {
 
 async fn restore(
     cfg: &Config,
-    which: &str,
+    which: &Which<'_>,
     output: &std::path::Path,
     member: Option<RestoreMember>,
     identity: Option<&std::path::Path>,
@@ -631,7 +777,7 @@ async fn restore(
     }
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
-    let m = fetch::select(&listing, which).map_err(failed)?;
+    let m = pick(cfg, &listing, which).await?;
     let progress = crate::progress::Progress::new("download");
     let rep = fetch::fetch_to_file(&store, m, output, Some(&progress), identities.as_ref()).await;
     progress.finish();

@@ -274,7 +274,9 @@ impl BackupConfig {
     /// The time limit of a cycle for a database of `db_size` bytes.
     pub fn cycle_timeout(&self, db_size: u64) -> Duration {
         let gib = db_size as f64 / f64::from(1u32 << 30);
-        self.timeout + self.timeout_per_gib.mul_f64(gib)
+        let extra = Duration::try_from_secs_f64(self.timeout_per_gib.as_secs_f64() * gib)
+            .unwrap_or(Duration::MAX);
+        self.timeout.saturating_add(extra)
     }
 }
 
@@ -603,6 +605,12 @@ fn base64_len(text: &str) -> Option<usize> {
     Some(t.len() / 4 * 3 - pad)
 }
 
+/// The longest duration any setting accepts: 100 years of 365.25 days, as humantime
+/// counts them (`retention.max_age` may be this long).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+/// The longest `backup.timeout` (and `backup.timeout_per_gib`): no cycle runs for a week.
+pub const MAX_CYCLE_TIMEOUT: Duration = Duration::from_secs(7 * 86400);
+
 /// Collects problems while converting the raw file.
 struct Problems(Vec<ConfigProblem>);
 
@@ -615,8 +623,30 @@ impl Problems {
     }
 
     fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        self.duration_at_most(key, value, default, MAX_DURATION)
+    }
+
+    /// A duration no longer than `max` (every duration is bounded, so that no arithmetic
+    /// on it can overflow).
+    fn duration_at_most(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: &str,
+        max: Duration,
+    ) -> Duration {
         let text = value.unwrap_or(default);
         match humantime::parse_duration(text) {
+            Ok(d) if d > max => {
+                self.push(
+                    key,
+                    format!(
+                        "{text:?} is longer than the maximum of {}",
+                        humantime::format_duration(max)
+                    ),
+                );
+                Duration::from_secs(1)
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.push(key, "must be greater than zero");
@@ -979,11 +1009,17 @@ impl Config {
             compression,
             compression_level: r.compression_level,
             spool_dir,
-            timeout: p.duration("backup.timeout", r.timeout.as_deref(), "30m"),
-            timeout_per_gib: p.duration(
+            timeout: p.duration_at_most(
+                "backup.timeout",
+                r.timeout.as_deref(),
+                "30m",
+                MAX_CYCLE_TIMEOUT,
+            ),
+            timeout_per_gib: p.duration_at_most(
                 "backup.timeout_per_gib",
                 r.timeout_per_gib.as_deref(),
                 "10m",
+                MAX_CYCLE_TIMEOUT,
             ),
             retry_after: match r.retry_after.as_deref() {
                 Some("off") => None,
@@ -1421,6 +1457,41 @@ mod tests {
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect();
         Config::load_with_env(f.path(), Some(env))
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_and_none_overflows() {
+        for (text, key) in [
+            ("[backup]\ntimeout = \"200000y\"\n", "backup.timeout"),
+            ("[backup]\ntimeout = \"8d\"\n", "backup.timeout"),
+            (
+                "[backup]\ntimeout_per_gib = \"30d\"\n",
+                "backup.timeout_per_gib",
+            ),
+            ("[retention]\nmax_age = \"300000y\"\n", "retention.max_age"),
+            ("[retention]\nmax_age = \"101y\"\n", "retention.max_age"),
+            ("[drill]\ntimeout = \"500000000y\"\n", "drill.timeout"),
+        ] {
+            let err = load_str(text, &[]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(key) && msg.contains("longer than the maximum"),
+                "{text}: {msg}"
+            );
+        }
+        let c = load_str(
+            "[backup]\ntimeout = \"7d\"\ntimeout_per_gib = \"7d\"\n[retention]\nmax_age = \"100y\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(
+            c.backup.cycle_timeout(u64::MAX) > c.backup.timeout,
+            "no overflow panic"
+        );
+        assert_eq!(
+            c.backup.timeout.saturating_mul(2),
+            Duration::from_secs(14 * 86400)
+        );
     }
 
     #[test]

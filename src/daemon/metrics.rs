@@ -115,6 +115,10 @@ pub struct Metrics {
     pub backups_in_store: Gauge,
     /// Backups deleted by pruning.
     pub pruned: Counter,
+    /// Backups in the store made by another etcd cluster (set by each prune).
+    pub foreign_backups: Gauge,
+    /// Backups in the store dated more than 5 minutes in the future (set by each prune).
+    pub future_backups: Gauge,
     /// 1 while this node is the snapshotter.
     pub is_leader: Gauge,
     /// Times this node gained or lost the snapshotter role.
@@ -173,6 +177,8 @@ impl Metrics {
             stored_size: Gauge::default(),
             backups_in_store: Gauge::default(),
             pruned: Counter::default(),
+            foreign_backups: Gauge::default(),
+            future_backups: Gauge::default(),
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
             election_up: Gauge::default(),
@@ -240,6 +246,16 @@ impl Metrics {
             m.backups_in_store.clone(),
         );
         r.register("pruned", "Backups deleted by retention", m.pruned.clone());
+        r.register(
+            "foreign_backups",
+            "Backups under this cluster_name made by another etcd cluster id (never pruned or restored as latest)",
+            m.foreign_backups.clone(),
+        );
+        r.register(
+            "future_backups",
+            "Backups dated more than 5 minutes in the future (wrong clock?; never latest, never aged out)",
+            m.future_backups.clone(),
+        );
         r.register(
             "is_leader",
             "1 while this node is the one taking backups",

@@ -374,7 +374,13 @@ pub async fn run(config: Config) -> Result<(), String> {
                     rep.manifest.id,
                     rep.manifest.finished_at.format("%Y-%m-%d %H:%M:%SZ")
                 );
-                prune_after_cycle(&cycle_state, &metrics, term.as_deref()).await;
+                prune_after_cycle(
+                    &cycle_state,
+                    &metrics,
+                    term.as_deref(),
+                    &rep.manifest.cluster_id,
+                )
+                .await;
             }
             Err(e) if cancel.is_cancelled() => {
                 tracing::warn!(error = %e, "backup aborted by shutdown");
@@ -512,6 +518,7 @@ async fn run_refresh(
     cancel: CancellationToken,
 ) {
     let mut member: Option<(String, Member)> = None;
+    let mut local_cluster: Option<String> = None;
     let mut last_store_refresh: Option<tokio::time::Instant> = None;
     loop {
         let s = state.borrow_and_update().clone();
@@ -529,6 +536,7 @@ async fn run_refresh(
         if let Some((_, m)) = &member {
             match m.status().await {
                 Ok(st) => {
+                    local_cluster = Some(format!("{:016x}", st.cluster_id));
                     metrics.db_size.set(st.db_size);
                     metrics.db_size_in_use.set(st.db_size_in_use);
                     metrics.db_quota.set(st.db_quota.unwrap_or(0));
@@ -544,7 +552,7 @@ async fn run_refresh(
             .is_none_or(|t| t.elapsed() >= s.config.metrics.store_refresh_interval);
         if due {
             last_store_refresh = Some(tokio::time::Instant::now());
-            match s.store.newest().await {
+            match s.store.newest(Utc::now(), local_cluster.as_deref()).await {
                 Ok((count, newest)) => {
                     metrics.backups_in_store.set(count as i64);
                     if let Some(m) = newest {
@@ -713,7 +721,10 @@ async fn missed_slot(
     let Some(prev) = state.config.schedule.parsed.previous_at_or_before(now) else {
         return Ok(None);
     };
-    Ok(match state.store.newest().await? {
+    // This cluster's backups only: another cluster's under the same name must not stand in
+    // for ours (unknown while etcd is unreachable; the cycle would fail then anyway).
+    let local = crate::etcd::local_cluster_id(&state.config.etcd).await.ok();
+    Ok(match state.store.newest(now, local.as_deref()).await? {
         (_, Some(m)) if m.slot.unwrap_or(m.time) >= prev => None,
         _ => Some(prev),
     })
@@ -722,7 +733,12 @@ async fn missed_slot(
 /// Applies retention after a successful backup. Failures are logged and counted; they
 /// never fail the backup that was just committed. Under an election, only while this node
 /// still leads.
-async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>) {
+async fn prune_after_cycle(
+    state: &State,
+    metrics: &Metrics,
+    term: Option<&Term>,
+    cluster_id: &str,
+) {
     if let Some(t) = term {
         if let Err(e) = t.check("before pruning").await {
             tracing::warn!(error = %e, "prune skipped");
@@ -738,20 +754,36 @@ async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>
         &state.store,
         &policy,
         Utc::now(),
-        state.config.backup.timeout * 2,
+        state.config.backup.timeout.saturating_mul(2),
+        cluster_id,
         false,
     )
     .await
     {
         Ok(o) => {
-            metrics.pruned.inc_by(o.deleted.len() as u64);
+            metrics.pruned.inc_by(o.deleted().len() as u64);
+            metrics.foreign_backups.set(o.plan.foreign_backups as i64);
+            metrics.future_backups.set(o.plan.future_backups as i64);
+            if o.plan.foreign_backups > 0 {
+                tracing::warn!(
+                    count = o.plan.foreign_backups,
+                    cluster_id,
+                    "the store holds backups of another etcd cluster (another cluster id) under this cluster_name; they are never pruned, restored as latest or counted here: give each cluster its own backup.cluster_name"
+                );
+            }
+            if o.plan.future_backups > 0 {
+                tracing::warn!(
+                    count = o.plan.future_backups,
+                    "the store holds backups dated more than 5 minutes in the future (a wrong clock?); they are never latest and never aged out"
+                );
+            }
             metrics
                 .stage_duration
                 .get_or_create(&StageLabels {
                     stage: StageValue::Prune,
                 })
                 .observe(started.elapsed().as_secs_f64());
-            if !o.failed.is_empty() {
+            if !o.failed().is_empty() {
                 metrics
                     .failures
                     .get_or_create(&StageLabels {
@@ -761,10 +793,10 @@ async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>
             }
             tracing::info!(
                 stage = "prune",
-                deleted = o.deleted.len(),
-                orphans_removed = o.orphans_removed.len(),
-                failed = o.failed.len(),
-                kept = o.plan.decisions.len() - o.deleted.len(),
+                deleted = o.deleted().len(),
+                orphans_removed = o.cleaned().len(),
+                failed = o.failed().len(),
+                kept = o.plan.decisions.len() - o.deleted().len(),
                 "prune finished"
             );
         }

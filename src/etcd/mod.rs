@@ -101,6 +101,25 @@ pub async fn revision_and_key_count(endpoint: &str) -> Result<(i64, u64), String
     Ok((revision, resp.count() as u64))
 }
 
+/// The cluster id (16 hex digits, as manifests store it) of the first of `cfg.endpoints`
+/// that answers: which backups in the store are this cluster's.
+///
+/// # Errors
+/// A message naming the endpoints tried and why each failed.
+pub async fn local_cluster_id(cfg: &EtcdConfig) -> Result<String, String> {
+    let mut errors = Vec::new();
+    for ep in &cfg.endpoints {
+        match Member::connect(cfg, ep).await {
+            Ok(m) => match m.status().await {
+                Ok(st) => return Ok(format!("{:016x}", st.cluster_id)),
+                Err(e) => errors.push(format!("{ep}: {e}")),
+            },
+            Err(e) => errors.push(format!("{ep}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
 /// A connection to one etcd member.
 pub struct Member {
     client: Client,

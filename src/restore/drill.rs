@@ -69,7 +69,15 @@ pub async fn run(
     let started = Instant::now();
     let identities =
         crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)?;
-    let (_, newest) = store.newest().await.map_err(|e| e.to_string())?;
+    let local = crate::etcd::local_cluster_id(&cfg.etcd)
+        .await
+        .map_err(|e| {
+            format!("cannot learn this cluster's id from etcd to pick its newest backup: {e}")
+        })?;
+    let (_, newest) = store
+        .newest(chrono::Utc::now(), Some(&local))
+        .await
+        .map_err(|e| e.to_string())?;
     let m = newest.ok_or("there is no committed backup to drill")?;
     let dir = cfg
         .backup

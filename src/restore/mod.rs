@@ -59,18 +59,42 @@ pub enum RestoreError {
     },
 }
 
-/// Picks `which` ("latest" or an id) from a listing.
+/// Picks `which` from a listing: an explicit id (any cluster, any date), or `latest`: the
+/// newest backup of cluster `cluster_id` not dated in the future.
 ///
 /// # Errors
 /// [`RestoreError::NotFound`] naming what exists.
-pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, RestoreError> {
+pub fn select<'a>(
+    listing: &'a Listing,
+    which: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    cluster_id: Option<&str>,
+) -> Result<&'a Manifest, RestoreError> {
     if listing.backups.is_empty() {
         return Err(RestoreError::NotFound(
             "there are no committed backups in the store; check storage.url and backup.cluster_name".into(),
         ));
     }
     if which == "latest" {
-        return Ok(&listing.backups[0]);
+        let Some(cluster) = cluster_id else {
+            return Err(RestoreError::NotFound(
+                "`latest` needs the cluster id whose backups to pick; pass --cluster-id ID or a backup id".into(),
+            ));
+        };
+        return listing.latest(now, cluster).ok_or_else(|| {
+            let mut others: Vec<&str> = listing
+                .backups
+                .iter()
+                .map(|m| m.cluster_id.as_str())
+                .filter(|c| *c != cluster)
+                .collect();
+            others.sort_unstable();
+            others.dedup();
+            RestoreError::NotFound(format!(
+                "no backup of etcd cluster {cluster} that is not dated in the future; the store holds backups of cluster ids {}: pass --cluster-id ID to restore another cluster's latest (e.g. after a disaster, when the new cluster has a new id), or a backup id from `etcd-backup list`",
+                crate::store::manifest::printable(&others.join(", "))
+            ))
+        });
     }
     listing
         .backups
@@ -78,7 +102,8 @@ pub fn select<'a>(listing: &'a Listing, which: &str) -> Result<&'a Manifest, Res
         .find(|m| m.id.to_string() == which)
         .ok_or_else(|| {
             RestoreError::NotFound(format!(
-                "no committed backup with id {which:?}; `etcd-backup list` shows the ids (newest: {})",
+                "no committed backup with id {:?}; `etcd-backup list` shows the ids (newest: {})",
+                crate::store::manifest::printable(which),
                 listing.backups[0].id
             ))
         })
@@ -167,11 +192,15 @@ pub async fn fetch_to_file(
     })?;
     let guard = PartFile(Some(part.clone()));
 
+    let object = store.data_key(m).ok_or_else(|| RestoreError::Corrupt {
+        id: m.id.to_string(),
+        detail: format!("its manifest names no snapshot file ({:?})", m.object),
+    })?;
     let stored_hash = Arc::new(Mutex::new(Sha256::new()));
     let stored_len = Arc::new(Mutex::new(0u64));
     let stream = {
         let (h, n) = (stored_hash.clone(), stored_len.clone());
-        store.get_stream(&m.object).await?.map_ok(move |b| {
+        store.get_stream(&object).await?.map_ok(move |b| {
             h.lock().expect("hash lock").update(&b);
             *n.lock().expect("len lock") += b.len() as u64;
             b
@@ -186,7 +215,7 @@ pub async fn fetch_to_file(
                 id: m.id.to_string(),
                 detail: format!(
                     "cannot decrypt the stored object {} with the identities in {}: {e}",
-                    m.object,
+                    object,
                     ids.source().display()
                 ),
             };
@@ -211,12 +240,22 @@ pub async fn fetch_to_file(
             .map_err(|e| RestoreError::Corrupt {
                 id: m.id.to_string(),
                 detail: format!(
-                    "reading or decompressing the stored object {} failed ({e}): it was modified or damaged in storage, or the download broke off",
-                    m.object
+                    "reading or decompressing the stored object {object} failed ({e}): it was modified or damaged in storage, or the download broke off"
                 ),
             })?;
         if n == 0 {
             break;
+        }
+        // Never write more than the manifest declares: a stored object that decompresses
+        // to more (a compression bomb, or a damaged object) stops here, not at a full disk.
+        if raw_len.saturating_add(n as u64) > m.size {
+            return Err(RestoreError::Corrupt {
+                id: m.id.to_string(),
+                detail: format!(
+                    "the stored object {object} decompresses to more than the {} bytes its manifest declares: it was modified or damaged in storage; nothing past that size was written",
+                    m.size
+                ),
+            });
         }
         raw_hash.update(&buf[..n]);
         raw_len += n as u64;
@@ -245,7 +284,7 @@ pub async fn fetch_to_file(
     if stored_n != m.stored_size || stored_sha != m.stored_sha256 {
         return Err(corrupt(format!(
             "the stored object {} ({stored_n} bytes, sha256 {stored_sha}) does not match the manifest ({} bytes, sha256 {}): it was modified or damaged in storage",
-            m.object, m.stored_size, m.stored_sha256
+            object, m.stored_size, m.stored_sha256
         )));
     }
     let raw_sha = hex::encode(raw_hash.finalize());
@@ -296,5 +335,53 @@ impl Drop for PartFile {
         if let Some(p) = self.0.take() {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{memory, put_backup};
+
+    #[tokio::test]
+    async fn a_compression_bomb_stops_at_the_declared_size() {
+        let (store, _) = memory("", "c");
+        // 1 GiB of zeros compresses to a few dozen KiB.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 200_000, "{}", bomb.len());
+        let t = chrono::Utc::now();
+        let mut m = crate::store::manifest::sample("20260102T030405Z-0a1b2c", t);
+        m.stored_size = bomb.len() as u64;
+        m.stored_sha256 = hex::encode(sha2_of(&bomb));
+        put_backup(&store, &m, Some(&bomb)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.db");
+        let started = std::time::Instant::now();
+        let err = fetch_to_file(&store, &m, &dest, None, None)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, RestoreError::Corrupt { detail, .. } if detail.contains("decompresses to more than the 20512 bytes")),
+            "{err}"
+        );
+        assert!(!dest.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the partial file is removed"
+        );
+        eprintln!("compression bomb rejected after {took:?}");
+    }
+
+    fn sha2_of(b: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b);
+        h.finalize()
     }
 }

@@ -22,8 +22,11 @@
 //! - Nothing is deleted while the newest backup is older than `max_age`: backups are
 //!   failing, so everything there is stays.
 //!
-//! Order is by the backups' timestamps (ties broken by id), never by names; the input order
-//! does not matter.
+//! "Newest" is by etcd revision (the cluster's logical clock, which a wrong wall clock
+//! cannot move), then time, then id; never by names. Periods (`keep_hourly` …) and
+//! `max_age` use the backups' times. The input order does not matter. The caller passes only
+//! this cluster's backups that are not dated in the future (see `prune`): foreign and
+//! future backups are never subject to the policy.
 
 pub mod prune;
 
@@ -40,6 +43,8 @@ pub struct BackupSummary {
     pub id: String,
     /// When it was taken (from its manifest).
     pub time: DateTime<Utc>,
+    /// The etcd revision of its snapshot.
+    pub revision: i64,
 }
 
 /// The `[retention]` policy.
@@ -139,6 +144,14 @@ pub enum KeepReason {
     DeleteCap,
     /// No rule and no `max_age` configured: everything is kept.
     NoPolicy,
+    /// Dated in the future (a wrong clock or a planted object): never aged out, never
+    /// latest.
+    Future,
+    /// Made by another etcd cluster (another cluster id): never pruned from here.
+    Foreign {
+        /// Its cluster id.
+        cluster_id: String,
+    },
 }
 
 /// Why a backup is deleted.
@@ -214,6 +227,14 @@ impl fmt::Display for KeepReason {
             ),
             KeepReason::DeleteCap => f.write_str("deferred: this prune reached max_delete_per_run"),
             KeepReason::NoPolicy => f.write_str("no retention rule configured"),
+            KeepReason::Future => f.write_str(
+                "dated more than 5 minutes in the future (wrong clock?): never aged out, never latest",
+            ),
+            KeepReason::Foreign { cluster_id } => write!(
+                f,
+                "made by another etcd cluster ({}): never pruned from here (use --cluster-id to select it)",
+                crate::store::manifest::printable(cluster_id)
+            ),
         }
     }
 }
@@ -301,7 +322,12 @@ fn format_offset(secs: i32) -> String {
 /// Decides, for every backup, whether to keep or delete it, and why.
 pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPolicy) -> PrunePlan {
     let mut sorted: Vec<&BackupSummary> = backups.iter().collect();
-    sorted.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+    sorted.sort_by(|a, b| {
+        b.revision
+            .cmp(&a.revision)
+            .then_with(|| b.time.cmp(&a.time))
+            .then_with(|| b.id.cmp(&a.id))
+    });
     let n = sorted.len();
     let mut reasons: Vec<Vec<KeepReason>> = vec![Vec::new(); n];
     if n == 0 {
@@ -328,6 +354,14 @@ pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPol
             n: policy.keep_last,
         });
     }
+    // Periods are calendar rules: they walk the backups by time, newest first.
+    let mut by_time: Vec<usize> = (0..n).collect();
+    by_time.sort_by(|&a, &b| {
+        sorted[b]
+            .time
+            .cmp(&sorted[a].time)
+            .then_with(|| sorted[b].id.cmp(&sorted[a].id))
+    });
     for (tier, count) in [
         (Tier::Hourly, policy.keep_hourly),
         (Tier::Daily, policy.keep_daily),
@@ -339,7 +373,8 @@ pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPol
         }
         let mut seen: Option<i64> = None;
         let mut kept = 0;
-        for (i, b) in sorted.iter().enumerate() {
+        for &i in &by_time {
+            let b = sorted[i];
             if kept >= count {
                 break;
             }
@@ -362,7 +397,12 @@ pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPol
         .and_then(|a| chrono::Duration::from_std(a).ok())
         .and_then(|a| now.checked_sub_signed(a));
     if let Some(cutoff) = cutoff {
-        if sorted[0].time < cutoff {
+        if sorted
+            .iter()
+            .map(|b| b.time)
+            .max()
+            .is_some_and(|t| t < cutoff)
+        {
             for r in &mut reasons {
                 r.push(KeepReason::NewestTooOld);
             }
@@ -443,6 +483,7 @@ mod tests {
         BackupSummary {
             id: id.to_string(),
             time: t,
+            revision: 0,
         }
     }
 

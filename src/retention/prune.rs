@@ -1,48 +1,514 @@
-//! Executes retention: lists the store once, asks the pure policy (`retention::plan`) what
-//! to keep, then deletes what it says — the manifest (the commit marker) first, then the
-//! data object, the reverse of how a backup is made, so an interrupted prune never leaves a
-//! manifest pointing at nothing: at worst a data object without a manifest, an orphan that
-//! a later prune removes. Orphaned data objects (uploads completed but never committed, or
-//! left by an interrupted prune) are removed once old enough that no cycle can still be
-//! writing them; so are manifests whose data object is gone.
+//! Prune as plan-then-execute. [`plan`] is a pure function from (listing, incomplete
+//! uploads, now, policy, cluster id) to every action with its reason; `prune --dry-run`
+//! prints exactly that plan, and [`execute`] carries it out.
 //!
-//! Only objects this tool wrote, under `PREFIX/CLUSTER_NAME/`, are ever deleted; anything
-//! else is counted and left alone. A deletion that fails is logged and retried at the next
-//! prune, never in a loop.
+//! # Rules the planner holds (whatever the policy and the listing say)
+//! - Only this cluster's committed backups that are not dated in the future go to the
+//!   policy (`retention::plan`); foreign backups (another cluster id) and future ones
+//!   (more than 5 minutes ahead) are kept and reported.
+//! - A data object in a backup directory that holds a manifest, readable or not, is never
+//!   an orphan (a readable manifest only ever names data in its own directory). Orphans
+//!   are removed only when their id's time is older than the orphan age (twice the cycle
+//!   timeout), so no running cycle can still be committing them.
+//! - A dangling manifest (its data object not listed) is removed only when old enough and
+//!   when, at execution, the store confirms its data object is absent.
+//! - Every deletion (a backup, an orphan, a dangling manifest, an aborted upload) counts
+//!   toward `max_delete_per_run`; what exceeds it is deferred to the next prune.
+//! - Only keys under `PREFIX/CLUSTER_NAME/` that this tool writes are ever deleted.
+//!
+//! The executor deletes a backup's manifest (the commit marker) first, then its data, the
+//! reverse of how a backup is made: an interrupted prune never leaves a manifest pointing
+//! at nothing, at worst an orphan a later prune removes. A failed deletion is reported and
+//! retried at the next prune, never in a loop. A listing that fails part-way fails the
+//! prune: nothing is decided from part of a directory.
 
-use crate::retention::{self, Action, BackupSummary, PrunePlan, RetentionPolicy};
-use crate::store::naming::BackupId;
-use crate::store::{BackupStore, StoreError};
+use crate::retention::RetentionPolicy;
+use crate::retention::{self, Action, BackupSummary, Decision, DeleteReason, KeepReason};
+use crate::store::manifest::printable;
+use crate::store::naming::{BackupId, Layout};
+use crate::store::{BackupStore, Listing, PendingUpload, StoreError};
 use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// An incomplete multipart upload under our prefix older than this is aborted: no cycle
 /// runs that long, so it can only be left over from a crash.
 pub const STALE_UPLOAD_AGE: chrono::Duration = chrono::Duration::hours(24);
 
+/// Everything the planner decides from.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// One complete listing of the cluster's directory.
+    pub listing: &'a Listing,
+    /// The incomplete multipart uploads under it, or why they could not be listed.
+    pub uploads: Result<&'a [PendingUpload], String>,
+    /// The object layout (for keys).
+    pub layout: &'a Layout,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// The retention policy.
+    pub policy: &'a RetentionPolicy,
+    /// The cluster whose backups the policy applies to: the local member's cluster id, or
+    /// one chosen with `--cluster-id`.
+    pub cluster_id: &'a str,
+    /// A data object without a manifest is an orphan only when older than this (twice the
+    /// cycle timeout).
+    pub orphan_age: Duration,
+}
+
+/// One deletion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// Delete a committed backup: its manifest, then its data objects.
+    DeleteBackup {
+        /// The backup.
+        id: BackupId,
+        /// Its time.
+        time: DateTime<Utc>,
+        /// Why.
+        reason: DeleteReason,
+        /// Its manifest.
+        manifest_key: String,
+        /// Its data objects.
+        data_keys: Vec<String>,
+    },
+    /// Remove a data object no manifest commits (its cycle never finished).
+    RemoveOrphan {
+        /// The object.
+        key: String,
+    },
+    /// Remove a manifest whose data object is missing (once the store confirms it).
+    RemoveDangling {
+        /// The manifest.
+        key: String,
+        /// The data object it names, checked for absence first.
+        data_key: String,
+    },
+    /// Abort an incomplete multipart upload left by a crash.
+    AbortUpload {
+        /// The key being uploaded.
+        key: String,
+        /// The upload id.
+        upload_id: String,
+        /// When it was started.
+        initiated: DateTime<Utc>,
+    },
+}
+
+impl Step {
+    /// Every key this step deletes, in order.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Step::DeleteBackup {
+                manifest_key,
+                data_keys,
+                ..
+            } => std::iter::once(manifest_key.as_str())
+                .chain(data_keys.iter().map(String::as_str))
+                .collect(),
+            Step::RemoveOrphan { key }
+            | Step::RemoveDangling { key, .. }
+            | Step::AbortUpload { key, .. } => vec![key.as_str()],
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::DeleteBackup { id, reason, .. } => write!(f, "delete backup {id}: {reason}"),
+            Step::RemoveOrphan { key } => write!(
+                f,
+                "remove orphaned data object {} (no manifest: its cycle never committed)",
+                printable(key)
+            ),
+            Step::RemoveDangling { key, .. } => write!(
+                f,
+                "remove manifest {} (its data object is missing; checked again before removing)",
+                printable(key)
+            ),
+            Step::AbortUpload { key, initiated, .. } => write!(
+                f,
+                "abort incomplete upload of {} (started {})",
+                printable(key),
+                initiated.format("%Y-%m-%d %H:%M:%SZ")
+            ),
+        }
+    }
+}
+
+/// Something the prune does not touch, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeftAlone {
+    /// The key.
+    pub key: String,
+    /// Why it stays.
+    pub reason: String,
+}
+
+/// The whole plan of one prune.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Every committed backup (this cluster's, foreign and future ones) with its decision,
+    /// newest first.
+    pub decisions: Vec<Decision>,
+    /// The deletions, in the order they run, within `max_delete_per_run`.
+    pub steps: Vec<Step>,
+    /// Deletions deferred to the next prune by `max_delete_per_run`.
+    pub deferred: Vec<Step>,
+    /// What is not touched and why (unreadable manifests, young orphans …).
+    pub left_alone: Vec<LeftAlone>,
+    /// Problems that limit the plan (e.g. incomplete uploads could not be listed).
+    pub warnings: Vec<String>,
+    /// Backups of other clusters (another cluster id).
+    pub foreign_backups: usize,
+    /// Backups dated more than 5 minutes in the future.
+    pub future_backups: usize,
+    /// Objects under the directory that etcd-backup did not write.
+    pub foreign_objects: usize,
+}
+
+impl Plan {
+    /// The plan as text, exactly as `prune` and `prune --dry-run` print it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for d in &self.decisions {
+            let _ = writeln!(
+                out,
+                "{}  {}  {}",
+                d.id,
+                d.time.format("%Y-%m-%d %H:%M:%SZ"),
+                d.action
+            );
+        }
+        for s in &self.steps {
+            let _ = writeln!(out, "{s}");
+        }
+        for s in &self.deferred {
+            let _ = writeln!(out, "deferred (max_delete_per_run reached): {s}");
+        }
+        for l in &self.left_alone {
+            let _ = writeln!(
+                out,
+                "left alone: {}: {}",
+                printable(&l.key),
+                printable(&l.reason)
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {}", printable(w));
+        }
+        out
+    }
+}
+
+/// Decides every action of a prune, and why. Pure.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let PlanInput {
+        listing,
+        layout,
+        now,
+        policy,
+        cluster_id,
+        ..
+    } = *input;
+    let mut foreign_backups = 0;
+    let mut future_backups = 0;
+    let mut in_scope = Vec::new();
+    let mut set_aside: Vec<Decision> = Vec::new();
+    for m in &listing.backups {
+        if m.cluster_id != cluster_id {
+            foreign_backups += 1;
+            set_aside.push(Decision {
+                id: m.id.to_string(),
+                time: m.time,
+                action: Action::Keep(vec![KeepReason::Foreign {
+                    cluster_id: m.cluster_id.clone(),
+                }]),
+            });
+        } else if m.is_future(now) {
+            future_backups += 1;
+            set_aside.push(Decision {
+                id: m.id.to_string(),
+                time: m.time,
+                action: Action::Keep(vec![KeepReason::Future]),
+            });
+        } else {
+            in_scope.push(BackupSummary {
+                id: m.id.to_string(),
+                time: m.time,
+                revision: m.revision,
+            });
+        }
+    }
+    let policy_plan = retention::plan(&in_scope, now, policy);
+
+    let mut steps = Vec::new();
+    // Backups, oldest first (the policy's decisions are newest first).
+    for d in policy_plan.decisions.iter().rev() {
+        let Action::Delete(reason) = &d.action else {
+            continue;
+        };
+        let Ok(id) = d.id.parse::<BackupId>() else {
+            continue;
+        };
+        let data_keys = listing
+            .data_objects
+            .get(&id)
+            .map(|v| v.iter().map(|o| o.key.clone()).collect())
+            .unwrap_or_default();
+        steps.push(Step::DeleteBackup {
+            manifest_key: layout.manifest_key(&id),
+            id,
+            time: d.time,
+            reason: reason.clone(),
+            data_keys,
+        });
+    }
+
+    let mut left_alone = Vec::new();
+    let cutoff = chrono::Duration::from_std(input.orphan_age)
+        .ok()
+        .and_then(|a| now.checked_sub_signed(a));
+    let old_enough = |t: DateTime<Utc>| cutoff.is_some_and(|c| t < c);
+    let mut others = Vec::new();
+    for (key, reason) in &listing.unreadable {
+        left_alone.push(LeftAlone {
+            key: key.clone(),
+            reason: format!("unreadable manifest ({reason}); its backup directory is kept"),
+        });
+    }
+    for (id, objects) in &listing.data_objects {
+        if listing.manifest_ids.contains(id) {
+            continue;
+        }
+        for o in objects {
+            if old_enough(id.time()) {
+                others.push(Step::RemoveOrphan { key: o.key.clone() });
+            } else {
+                left_alone.push(LeftAlone {
+                    key: o.key.clone(),
+                    reason: "data object without a manifest, too young to be an orphan (a cycle may still be committing it)".into(),
+                });
+            }
+        }
+    }
+    for (m, key) in &listing.dangling {
+        let why = if m.cluster_id != cluster_id {
+            Some("manifest without data of another cluster")
+        } else if !old_enough(m.id.time()) {
+            Some("manifest without data, too young to remove")
+        } else {
+            None
+        };
+        match (why, layout.data_key_for(&m.id, &m.object)) {
+            (None, Some(data_key)) => others.push(Step::RemoveDangling {
+                key: key.clone(),
+                data_key,
+            }),
+            (why, _) => left_alone.push(LeftAlone {
+                key: key.clone(),
+                reason: why.unwrap_or("manifest names no data object").into(),
+            }),
+        }
+    }
+    let mut warnings = Vec::new();
+    match &input.uploads {
+        Ok(uploads) => {
+            for up in *uploads {
+                if now
+                    .checked_sub_signed(STALE_UPLOAD_AGE)
+                    .is_some_and(|c| up.initiated < c)
+                {
+                    others.push(Step::AbortUpload {
+                        key: up.key.clone(),
+                        upload_id: up.upload_id.clone(),
+                        initiated: up.initiated,
+                    });
+                }
+            }
+        }
+        Err(e) => warnings.push(format!(
+            "cannot list incomplete multipart uploads ({e}); retried at the next prune"
+        )),
+    }
+    let budget = (policy.max_delete_per_run as usize).saturating_sub(steps.len());
+    let deferred = if others.len() > budget {
+        others.split_off(budget)
+    } else {
+        Vec::new()
+    };
+    steps.extend(others);
+
+    let mut decisions = policy_plan.decisions;
+    decisions.extend(set_aside);
+    let order: std::collections::HashMap<String, usize> = listing
+        .backups
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id.to_string(), i))
+        .collect();
+    decisions.sort_by_key(|d| order.get(&d.id).copied().unwrap_or(usize::MAX));
+    Plan {
+        decisions,
+        steps,
+        deferred,
+        left_alone,
+        warnings,
+        foreign_backups,
+        future_backups,
+        foreign_objects: listing.foreign,
+    }
+}
+
+/// What running a plan did.
+#[derive(Debug, Default)]
+pub struct Executed {
+    /// Steps done in full.
+    pub done: Vec<Step>,
+    /// Steps skipped because the store's state differs from the listing (e.g. a dangling
+    /// manifest's data object is there after all), with why.
+    pub skipped: Vec<(Step, String)>,
+    /// Deletions that failed: key and error. They are retried at the next prune.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Carries out `plan`'s steps, in order.
+pub async fn execute(store: &BackupStore, plan: &Plan) -> Executed {
+    let mut ex = Executed::default();
+    for step in &plan.steps {
+        let r: Result<(), (String, StoreError)> = match step {
+            Step::DeleteBackup {
+                manifest_key,
+                data_keys,
+                id,
+                time,
+                reason,
+            } => {
+                // The commit marker first; the data stays while it could not be removed.
+                let mut r = store
+                    .delete(manifest_key)
+                    .await
+                    .map_err(|e| (manifest_key.clone(), e));
+                if r.is_ok() {
+                    for k in data_keys {
+                        if let Err(e) = store.delete(k).await {
+                            r = Err((k.clone(), e));
+                            break;
+                        }
+                    }
+                }
+                if r.is_ok() {
+                    tracing::info!(id = %id, time = %time, reason = %reason, "deleted backup");
+                }
+                r
+            }
+            Step::RemoveOrphan { key } => {
+                let r = store.delete(key).await.map_err(|e| (key.clone(), e));
+                if r.is_ok() {
+                    tracing::info!(key = %printable(key), "removed an orphaned data object (no manifest: its cycle never committed)");
+                }
+                r
+            }
+            Step::RemoveDangling { key, data_key } => match store.exists(data_key).await {
+                Ok(false) => {
+                    let r = store.delete(key).await.map_err(|e| (key.clone(), e));
+                    if r.is_ok() {
+                        tracing::info!(key = %printable(key), "removed a manifest whose data object is missing");
+                    }
+                    r
+                }
+                Ok(true) => {
+                    ex.skipped.push((
+                        step.clone(),
+                        "its data object exists (the listing lagged): kept".into(),
+                    ));
+                    continue;
+                }
+                Err(e) => Err((data_key.clone(), e)),
+            },
+            Step::AbortUpload {
+                key,
+                upload_id,
+                initiated,
+            } => {
+                let up = PendingUpload {
+                    key: key.clone(),
+                    upload_id: upload_id.clone(),
+                    initiated: *initiated,
+                };
+                let r = store.abort_pending(&up).await.map_err(|e| (key.clone(), e));
+                if r.is_ok() {
+                    tracing::info!(key = %printable(key), initiated = %initiated, "aborted a stale incomplete multipart upload");
+                }
+                r
+            }
+        };
+        match r {
+            Ok(()) => ex.done.push(step.clone()),
+            Err((key, e)) => {
+                tracing::warn!(key = %printable(&key), error = %e, "deletion failed; it is retried at the next prune");
+                ex.failed.push((key, e.to_string()));
+            }
+        }
+    }
+    ex
+}
+
 /// What a prune did (or, with `dry_run`, would do).
 #[derive(Debug)]
 pub struct PruneOutcome {
-    /// The policy's decision for every committed backup, newest first.
-    pub plan: PrunePlan,
-    /// Backups deleted (ids).
-    pub deleted: Vec<String>,
-    /// Orphaned data objects removed (keys).
-    pub orphans_removed: Vec<String>,
-    /// Incomplete multipart uploads older than [`STALE_UPLOAD_AGE`] that were aborted (keys).
-    pub uploads_aborted: Vec<String>,
-    /// Deletions that failed: key and error. They are retried at the next prune.
-    pub failed: Vec<(String, String)>,
-    /// Objects under our directory that this tool did not write (left alone).
-    pub foreign: usize,
-    /// Manifests that could not be read (left alone, with their data).
-    pub unreadable: usize,
+    /// The plan.
+    pub plan: Plan,
+    /// What running it did (`None` for a dry run).
+    pub executed: Option<Executed>,
 }
 
-/// Lists, plans and (unless `dry_run`) deletes.
-///
-/// `orphan_age`: a data object without a manifest is removed only when its backup id is
-/// older than this (use twice the cycle timeout).
+impl PruneOutcome {
+    /// Backups deleted (ids); for a dry run, those the plan deletes.
+    pub fn deleted(&self) -> Vec<String> {
+        self.done_where(|s| match s {
+            Step::DeleteBackup { id, .. } => Some(id.to_string()),
+            _ => None,
+        })
+    }
+
+    /// Orphans and dangling manifests removed, and uploads aborted (keys).
+    pub fn cleaned(&self) -> Vec<String> {
+        self.done_where(|s| match s {
+            Step::DeleteBackup { .. } => None,
+            other => Some(other.keys()[0].to_string()),
+        })
+    }
+
+    /// Keys of uploads aborted (`uploads`), or of orphans and dangling manifests removed.
+    pub fn cleaned_where(&self, uploads: bool) -> Vec<String> {
+        self.done_where(|s| match s {
+            Step::AbortUpload { key, .. } if uploads => Some(key.clone()),
+            Step::RemoveOrphan { key } | Step::RemoveDangling { key, .. } if !uploads => {
+                Some(key.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// Failed deletions: key and error.
+    pub fn failed(&self) -> &[(String, String)] {
+        self.executed.as_ref().map_or(&[], |e| &e.failed)
+    }
+
+    /// What was done, or for a dry run what the plan would do.
+    fn done_where(&self, f: impl Fn(&Step) -> Option<String>) -> Vec<String> {
+        match &self.executed {
+            Some(e) => e.done.iter().filter_map(&f).collect(),
+            None => self.plan.steps.iter().filter_map(&f).collect(),
+        }
+    }
+}
+
+/// Lists, plans and (unless `dry_run`) executes. `cluster_id`: see [`PlanInput`].
 ///
 /// # Errors
 /// [`StoreError`] when the listing fails; failed deletions are reported in the outcome.
@@ -51,140 +517,33 @@ pub async fn prune(
     policy: &RetentionPolicy,
     now: DateTime<Utc>,
     orphan_age: Duration,
+    cluster_id: &str,
     dry_run: bool,
 ) -> Result<PruneOutcome, StoreError> {
     let listing = store.list().await?;
-    let summaries: Vec<BackupSummary> = listing
-        .backups
-        .iter()
-        .map(|m| BackupSummary {
-            id: m.id.to_string(),
-            time: m.time,
-        })
-        .collect();
-    let plan = retention::plan(&summaries, now, policy);
-    let mut outcome = PruneOutcome {
-        plan,
-        deleted: Vec::new(),
-        orphans_removed: Vec::new(),
-        uploads_aborted: Vec::new(),
-        failed: Vec::new(),
-        foreign: listing.foreign,
-        unreadable: listing.unreadable.len(),
-    };
-
-    for d in &outcome.plan.decisions {
-        let Action::Delete(reason) = &d.action else {
-            continue;
-        };
-        let Ok(id) = d.id.parse::<BackupId>() else {
-            continue;
-        };
-        if dry_run {
-            continue;
-        }
-        let data_keys: Vec<String> = listing
-            .data_objects
-            .get(&id)
-            .map(|v| v.iter().map(|(k, _)| k.clone()).collect())
-            .unwrap_or_default();
-        let mut ok = true;
-        for key in std::iter::once(&store.layout().manifest_key(&id)).chain(data_keys.iter()) {
-            if let Err(e) = store.delete(key).await {
-                tracing::warn!(key = %key, error = %e, "deletion failed; it is retried at the next prune");
-                outcome.failed.push((key.clone(), e.to_string()));
-                ok = false;
-                // Keep the data while its manifest could not be removed.
-                break;
-            }
-        }
-        if ok {
-            tracing::info!(id = %d.id, time = %d.time, reason = %reason, "deleted backup");
-            outcome.deleted.push(d.id.clone());
-        }
-    }
-
-    let committed: std::collections::HashSet<String> =
-        listing.backups.iter().map(|m| m.id.to_string()).collect();
-    let unreadable_ids: std::collections::HashSet<String> = listing
-        .unreadable
-        .iter()
-        .filter_map(|(k, _)| store.layout().classify(k))
-        .map(|k| match k {
-            crate::store::naming::ObjectKind::Manifest(id)
-            | crate::store::naming::ObjectKind::Data(id) => id.to_string(),
-        })
-        .collect();
-    let cutoff = now - chrono::Duration::from_std(orphan_age).unwrap_or(chrono::Duration::days(1));
-    for (id, key) in &listing.dangling {
-        if id.time() >= cutoff {
-            continue;
-        }
-        if dry_run {
-            outcome.orphans_removed.push(key.clone());
-            continue;
-        }
-        match store.delete(key).await {
-            Ok(()) => {
-                tracing::info!(key = %key, "removed a manifest whose data object is missing");
-                outcome.orphans_removed.push(key.clone());
-            }
-            Err(e) => outcome.failed.push((key.clone(), e.to_string())),
-        }
-    }
-    for (id, objects) in &listing.data_objects {
-        let ids = id.to_string();
-        if committed.contains(&ids) || unreadable_ids.contains(&ids) || id.time() >= cutoff {
-            continue;
-        }
-        for (key, _) in objects {
-            if dry_run {
-                outcome.orphans_removed.push(key.clone());
-                continue;
-            }
-            match store.delete(key).await {
-                Ok(()) => {
-                    tracing::info!(key = %key, "removed an orphaned data object (no manifest: its cycle never committed)");
-                    outcome.orphans_removed.push(key.clone());
-                }
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "removing an orphan failed; retried at the next prune");
-                    outcome.failed.push((key.clone(), e.to_string()));
-                }
-            }
-        }
-    }
-    match store.pending_uploads().await {
-        Ok(uploads) => {
-            for up in uploads
-                .iter()
-                .filter(|u| u.initiated < now - STALE_UPLOAD_AGE)
-            {
-                if dry_run {
-                    outcome.uploads_aborted.push(up.key.clone());
-                    continue;
-                }
-                match store.abort_pending(up).await {
-                    Ok(()) => {
-                        tracing::info!(key = %up.key, initiated = %up.initiated, "aborted a stale incomplete multipart upload");
-                        outcome.uploads_aborted.push(up.key.clone());
-                    }
-                    Err(e) => outcome.failed.push((up.key.clone(), e.to_string())),
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list incomplete multipart uploads; retried at the next prune");
-            outcome
-                .failed
-                .push((store.layout().base().to_string(), e.to_string()));
-        }
-    }
-    if outcome.foreign > 0 {
+    let uploads = store.pending_uploads().await;
+    let plan = plan(&PlanInput {
+        listing: &listing,
+        uploads: uploads.as_deref().map_err(ToString::to_string),
+        layout: store.layout(),
+        now,
+        policy,
+        cluster_id,
+        orphan_age,
+    });
+    if plan.foreign_objects > 0 {
         tracing::info!(
-            count = outcome.foreign,
+            count = plan.foreign_objects,
             "objects not written by etcd-backup were left alone"
         );
     }
-    Ok(outcome)
+    let executed = if dry_run {
+        None
+    } else {
+        Some(execute(store, &plan).await)
+    };
+    Ok(PruneOutcome { plan, executed })
 }
+
+#[cfg(test)]
+mod tests;

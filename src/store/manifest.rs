@@ -6,8 +6,36 @@ use crate::store::naming::BackupId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Version of the manifest and object layout written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest and object layout written by this build. Format 2 names the data
+/// object by its file name inside the backup's directory; format 1 (still read) held its
+/// full key. Older builds refuse format 2 as "newer" and leave such backups alone.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// A manifest is a few KiB; anything larger than this is not one and is never parsed.
+pub const MAX_MANIFEST_SIZE: u64 = 1024 * 1024;
+
+/// A manifest dated more than this after `now` is *future*: a wrong clock or a planted
+/// object. It is listed, flagged and kept, but never "latest" and never aged out.
+pub const FUTURE_TOLERANCE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// `s` with control characters (terminal escape sequences among them) escaped, for
+/// printing strings that come from the store.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
 
 /// Everything known about one committed backup.
 ///
@@ -44,7 +72,9 @@ pub struct Manifest {
     pub endpoint: String,
     /// Configured cluster name.
     pub cluster_name: String,
-    /// Key of the data object, relative to the store root.
+    /// The data object: its file name inside the backup's directory (format 2), or, in
+    /// format-1 manifests, the full key it was first written to (only its file name is
+    /// used: see `naming::Layout::data_key_for`).
     pub object: String,
     /// sha256 (hex) of the stored object, to check a download before decompressing.
     pub stored_sha256: String,
@@ -102,6 +132,12 @@ pub struct Verification {
 }
 
 impl Manifest {
+    /// Whether the backup is dated more than [`FUTURE_TOLERANCE`] after `now`.
+    pub fn is_future(&self, now: DateTime<Utc>) -> bool {
+        now.checked_add_signed(FUTURE_TOLERANCE)
+            .is_some_and(|limit| self.time > limit)
+    }
+
     /// Serializes for storage (pretty, so operators can read it with any tool).
     pub fn to_json(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
@@ -142,7 +178,7 @@ pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
         member_name: "m1".into(),
         endpoint: "http://127.0.0.1:2379".into(),
         cluster_name: "kubernetes".into(),
-        object: format!("kubernetes/{id}/snapshot.db.zst"),
+        object: "snapshot.db.zst".into(),
         stored_sha256: "11".repeat(32),
         revision_before: 41,
         db_size: 20480,
@@ -178,6 +214,30 @@ mod tests {
         let err = Manifest::from_json(&newer.to_json()).unwrap_err();
         assert!(err.contains("upgrade"), "{err}");
         assert!(Manifest::from_json(b"{}").is_err());
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_printing() {
+        assert_eq!(printable("m1 (8e9e)"), "m1 (8e9e)");
+        let p = printable("evil\x1b]0;owned\x07\nline\u{9b}2J");
+        assert!(!p.chars().any(char::is_control), "{p:?}");
+        assert_eq!(p, "evil\\u{1b}]0;owned\\u{7}\\nline\\u{9b}2J");
+    }
+
+    #[test]
+    fn future_is_more_than_five_minutes_ahead() {
+        let now = Utc::now();
+        let m = |secs| {
+            sample(
+                "20260102T030405Z-0a1b2c",
+                now + chrono::Duration::seconds(secs),
+            )
+        };
+        assert!(!m(0).is_future(now));
+        assert!(!m(300).is_future(now));
+        assert!(m(301).is_future(now));
+        assert!(!m(-86400 * 365).is_future(now));
+        assert!(!m(1).is_future(DateTime::<Utc>::MAX_UTC));
     }
 
     #[test]

@@ -61,19 +61,59 @@ pub enum StoreError {
     },
 }
 
+/// A data object found in the listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataObject {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When the store says it was last written (the store's clock, not ours).
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 /// Objects found under the cluster's directory.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Listing {
-    /// Committed backups (readable manifests), newest first by their `time`.
+    /// Committed backups (readable manifests with their data object), newest first: by
+    /// etcd revision, then time, then id. Backups of every cluster id and time are here;
+    /// [`Listing::latest`] picks the one to restore.
     pub backups: Vec<Manifest>,
-    /// Data objects by backup id (committed or not), with their sizes.
-    pub data_objects: BTreeMap<BackupId, Vec<(String, u64)>>,
+    /// Data objects by backup id (committed or not).
+    pub data_objects: BTreeMap<BackupId, Vec<DataObject>>,
+    /// Every backup directory that holds a manifest object, readable or not.
+    pub manifest_ids: std::collections::BTreeSet<BackupId>,
     /// Manifests that could not be read or parsed: key and reason.
     pub unreadable: Vec<(String, String)>,
-    /// Readable manifests whose data object is missing (not backups: nothing to restore).
-    pub dangling: Vec<(BackupId, String)>,
+    /// Readable manifests whose data object is not listed (not backups: nothing to
+    /// restore), with their keys.
+    pub dangling: Vec<(Manifest, String)>,
     /// Objects under the directory that this tool did not write.
     pub foreign: usize,
+}
+
+impl Listing {
+    /// The newest backup of cluster `cluster_id` that is not dated in the future (more than
+    /// [`manifest::FUTURE_TOLERANCE`] after `now`): what `restore latest`, drills, the
+    /// age metric and the catch-up decision use.
+    pub fn latest(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        cluster_id: &str,
+    ) -> Option<&Manifest> {
+        self.backups
+            .iter()
+            .find(|m| m.cluster_id == cluster_id && !m.is_future(now))
+    }
+}
+
+/// The order of backups, newest first: etcd revision (the cluster's logical clock, immune
+/// to wrong wall clocks), then time, then id.
+pub fn newest_first(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
+    b.revision
+        .cmp(&a.revision)
+        .then_with(|| b.time.cmp(&a.time))
+        .then_with(|| b.id.cmp(&a.id))
 }
 
 /// The configured store and object layout.
@@ -274,6 +314,12 @@ impl BackupStore {
         &self.layout
     }
 
+    /// The key of committed backup `m`'s data object (inside its own directory, wherever
+    /// it was first written); `None` when its manifest names no snapshot file.
+    pub fn data_key(&self, m: &Manifest) -> Option<String> {
+        self.layout.data_key_for(&m.id, &m.object)
+    }
+
     /// The configured URL, for messages.
     pub fn url(&self) -> &str {
         &self.url
@@ -441,7 +487,7 @@ impl BackupStore {
                     text.chars().take(300).collect::<String>()
                 )));
             }
-            let page = parse_list_uploads(&text);
+            let page = parse_list_uploads(&text).map_err(fail)?;
             out.extend(page.uploads);
             match page.next {
                 Some(next) => markers = Some(next),
@@ -490,13 +536,20 @@ impl BackupStore {
         }
     }
 
-    /// The number of manifests and the newest committed backup, with one listing and as
-    /// few manifest reads as possible (candidates are tried newest id first). For the
-    /// last-success metrics, refreshed often on every node.
+    /// The number of manifests and the newest committed backup of `cluster_id` not dated
+    /// in the future, with one listing and as few manifest reads as possible (candidates
+    /// are tried newest id first, skipping other clusters' and future ones, and the newest
+    /// by revision among the first readable ones wins). For the last-success metrics and
+    /// the catch-up decision, refreshed often on every node. `cluster_id` `None` (the
+    /// local member unknown) takes any cluster's.
     ///
     /// # Errors
     /// [`StoreError::Request`] when the listing fails.
-    pub async fn newest(&self) -> Result<(usize, Option<Manifest>), StoreError> {
+    pub async fn newest(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        cluster_id: Option<&str>,
+    ) -> Result<(usize, Option<Manifest>), StoreError> {
         let base = self.layout.base().to_string();
         let objects: Vec<object_store::ObjectMeta> = self
             .store
@@ -516,21 +569,86 @@ impl BackupStore {
             .collect();
         ids.sort_by(|a, b| b.0.cmp(&a.0));
         let count = ids.len();
-        for (_, key) in ids.iter().take(5) {
-            if let Ok(m) = self
-                .get_bytes(key)
+        let mut best: Option<Manifest> = None;
+        let mut readable = 0;
+        for (_, key) in ids.iter().take(50) {
+            let Ok(m) = self
+                .get_manifest(key)
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|b| Manifest::from_json(&b))
+            else {
+                continue;
+            };
+            if m.is_future(now) || cluster_id.is_some_and(|c| c != m.cluster_id) {
+                continue;
+            }
+            readable += 1;
+            if best
+                .as_ref()
+                .is_none_or(|b| newest_first(&m, b) == std::cmp::Ordering::Less)
             {
-                return Ok((count, Some(m)));
+                best = Some(m);
+            }
+            if readable >= 5 {
+                break;
             }
         }
-        Ok((count, None))
+        Ok((count, best))
+    }
+
+    /// Reads a manifest, refusing one larger than [`manifest::MAX_MANIFEST_SIZE`] without
+    /// reading it.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when it cannot be read or is too large.
+    pub async fn get_manifest(&self, key: &str) -> Result<Bytes, StoreError> {
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.err("reading", key, &e))?;
+        if r.meta.size > manifest::MAX_MANIFEST_SIZE {
+            return Err(StoreError::Request {
+                url: self.url.clone(),
+                op: "reading",
+                key: key.to_string(),
+                detail: format!(
+                    "it is {} bytes, more than a manifest can be ({} bytes); it was not written by etcd-backup",
+                    r.meta.size,
+                    manifest::MAX_MANIFEST_SIZE
+                ),
+                hint: "remove or move it if it is not yours",
+            });
+        }
+        let b = r.bytes().await.map_err(|e| self.err("reading", key, &e))?;
+        if b.len() as u64 > manifest::MAX_MANIFEST_SIZE {
+            return Err(StoreError::Request {
+                url: self.url.clone(),
+                op: "reading",
+                key: key.to_string(),
+                detail: "it grew past the manifest size limit while being read".into(),
+                hint: "remove or move it if it is not yours",
+            });
+        }
+        Ok(b)
+    }
+
+    /// Whether an object exists: `Ok(false)` only when the store says it is not found.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] for any other answer (nothing is confirmed).
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.store.head(&ObjPath::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err("checking", key, &e)),
+        }
     }
 
     /// Lists the cluster's directory with one paginated listing, reads every manifest and
-    /// returns the committed backups, newest first.
+    /// returns the committed backups, newest first. A listing that fails part-way fails
+    /// whole: nothing is decided from part of a directory.
     ///
     /// # Errors
     /// [`StoreError::Request`] when the listing fails.
@@ -547,18 +665,27 @@ impl BackupStore {
         for o in objects {
             let key = o.location.to_string();
             match self.layout.classify(&key) {
-                Some(ObjectKind::Manifest(id)) => manifest_keys.push((id, key)),
-                Some(ObjectKind::Data(id)) => listing
-                    .data_objects
-                    .entry(id)
-                    .or_default()
-                    .push((key, o.size)),
+                Some(ObjectKind::Manifest(id)) => {
+                    listing.manifest_ids.insert(id.clone());
+                    manifest_keys.push((id, key));
+                }
+                Some(ObjectKind::Data(id)) => {
+                    listing
+                        .data_objects
+                        .entry(id)
+                        .or_default()
+                        .push(DataObject {
+                            key,
+                            size: o.size,
+                            modified: o.last_modified,
+                        });
+                }
                 None => listing.foreign += 1,
             }
         }
         let fetched: Vec<_> = futures::stream::iter(manifest_keys)
             .map(|(id, key)| async move {
-                let r = self.get_bytes(&key).await;
+                let r = self.get_manifest(&key).await;
                 (id, key, r)
             })
             .buffer_unordered(8)
@@ -570,26 +697,36 @@ impl BackupStore {
                 if m.id == id {
                     Ok(m)
                 } else {
-                    Err(format!("its id {:?} does not match its key", m.id))
+                    Err(format!(
+                        "its id {:?} does not match its key",
+                        m.id.to_string()
+                    ))
                 }
             }) {
                 Ok(m) => {
+                    let Some(data_key) = self.layout.data_key_for(&id, &m.object) else {
+                        listing.unreadable.push((
+                            key,
+                            format!("its data object {:?} is not a snapshot file name", m.object),
+                        ));
+                        continue;
+                    };
                     let has_data = listing
                         .data_objects
                         .get(&id)
-                        .is_some_and(|objs| objs.iter().any(|(k, _)| *k == m.object));
+                        .is_some_and(|objs| objs.iter().any(|o| o.key == data_key));
                     if has_data {
                         listing.backups.push(m);
                     } else {
-                        listing.dangling.push((id, key));
+                        listing.dangling.push((m, key));
                     }
                 }
                 Err(reason) => listing.unreadable.push((key, reason)),
             }
         }
-        listing
-            .backups
-            .sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+        listing.backups.sort_by(newest_first);
+        listing.unreadable.sort();
+        listing.dangling.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(listing)
     }
 }
@@ -668,57 +805,58 @@ struct UploadsPage {
     next: Option<(String, String)>,
 }
 
-/// The text of each `<tag>…</tag>` in `s`, in order.
-fn xml_all<'a>(s: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find(&open) {
-        let after = &rest[i + open.len()..];
-        let Some(j) = after.find(&close) else { break };
-        out.push(&after[..j]);
-        rest = &after[j + close.len()..];
-    }
-    out
+/// A ListMultipartUploads answer (the fields this tool reads).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListUploadsXml {
+    #[serde(default)]
+    is_truncated: bool,
+    #[serde(default)]
+    next_key_marker: Option<String>,
+    #[serde(default)]
+    next_upload_id_marker: Option<String>,
+    #[serde(default, rename = "Upload")]
+    uploads: Vec<UploadXml>,
 }
 
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UploadXml {
+    key: String,
+    upload_id: String,
+    #[serde(default)]
+    initiated: Option<String>,
 }
 
-fn parse_list_uploads(xml: &str) -> UploadsPage {
-    let mut page = UploadsPage::default();
-    for u in xml_all(xml, "Upload") {
-        let field = |t: &str| xml_all(u, t).first().map(|v| xml_unescape(v));
-        let (Some(key), Some(upload_id)) = (field("Key"), field("UploadId")) else {
-            continue;
-        };
-        let initiated = field("Initiated")
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-            .map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, |t| t.to_utc());
-        page.uploads.push(PendingUpload {
-            key,
-            upload_id,
-            initiated,
-        });
-    }
-    let truncated = xml_all(xml, "IsTruncated").first() == Some(&"true");
-    if truncated {
-        let k = xml_all(xml, "NextKeyMarker")
-            .first()
-            .map(|v| xml_unescape(v));
-        let id = xml_all(xml, "NextUploadIdMarker")
-            .first()
-            .map(|v| xml_unescape(v));
-        if let (Some(k), Some(id)) = (k, id) {
-            page.next = Some((k, id));
-        }
-    }
-    page
+/// Parses one page of a ListMultipartUploads answer.
+///
+/// # Errors
+/// When the answer is not such a document.
+fn parse_list_uploads(xml: &str) -> Result<UploadsPage, String> {
+    let doc: ListUploadsXml = quick_xml::de::from_str(xml)
+        .map_err(|e| format!("cannot parse the ListMultipartUploads answer: {e}"))?;
+    let uploads = doc
+        .uploads
+        .into_iter()
+        .map(|u| PendingUpload {
+            key: u.key,
+            upload_id: u.upload_id,
+            // An upload of unknown age counts as old: S3 always sends the time.
+            initiated: u
+                .initiated
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, |t| t.to_utc()),
+        })
+        .collect();
+    let next = match (
+        doc.is_truncated,
+        doc.next_key_marker,
+        doc.next_upload_id_marker,
+    ) {
+        (true, Some(k), Some(id)) => Some((k, id)),
+        _ => None,
+    };
+    Ok(UploadsPage { uploads, next })
 }
 
 #[cfg(test)]
@@ -826,6 +964,37 @@ mod tests {
         out
     }
 
+    #[tokio::test]
+    async fn newest_skips_future_and_other_clusters_backups() {
+        let (store, _) = testing::memory("p", "c");
+        let now = chrono::Utc::now();
+        let at = |mins: i64, rev: i64, cluster: &str, n: u32| {
+            let t = now - chrono::Duration::minutes(mins);
+            let id = format!("{}-{n:06x}", t.format("%Y%m%dT%H%M%SZ"));
+            let mut m = crate::store::manifest::sample(&id, t);
+            m.revision = rev;
+            m.cluster_id = cluster.into();
+            m
+        };
+        let ours = at(60, 10, "aa", 1);
+        let skewed = at(600, 20, "aa", 2); // a slow clock, but the highest revision
+        let theirs = at(1, 99, "bb", 3);
+        let future = at(-60 * 24, 5, "aa", 4);
+        for m in [&ours, &skewed, &theirs, &future] {
+            testing::put_backup(&store, m, Some(b"d")).await;
+        }
+        let (count, newest) = store.newest(now, Some("aa")).await.unwrap();
+        assert_eq!(count, 4);
+        assert_eq!(newest.unwrap().id, skewed.id);
+        let (_, newest) = store.newest(now, Some("bb")).await.unwrap();
+        assert_eq!(newest.unwrap().id, theirs.id);
+        let (_, newest) = store.newest(now, None).await.unwrap();
+        assert_eq!(newest.unwrap().id, theirs.id, "never the future one");
+        let listing = store.list().await.unwrap();
+        assert_eq!(listing.latest(now, "aa").unwrap().id, skewed.id);
+        assert!(listing.latest(now, "cc").is_none());
+    }
+
     #[test]
     fn list_uploads_answers_are_parsed() {
         let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -834,7 +1003,7 @@ mod tests {
 <Upload><Key>p/c/20260101T000000Z-000001/snapshot.db.zst</Key><UploadId>id1</UploadId><Initiated>2026-01-01T00:00:00.000Z</Initiated></Upload>
 <Upload><Key>p/c/x&amp;y</Key><UploadId>id2</UploadId><Initiated>2026-01-02T00:00:00Z</Initiated></Upload>
 </ListMultipartUploadsResult>"#;
-        let p = parse_list_uploads(xml);
+        let p = parse_list_uploads(xml).unwrap();
         assert_eq!(p.uploads.len(), 2);
         assert_eq!(p.uploads[0].upload_id, "id1");
         assert_eq!(p.uploads[1].key, "p/c/x&y");
@@ -845,8 +1014,19 @@ mod tests {
                 .to_utc()
         );
         assert_eq!(p.next, Some(("p/c/x&y".to_string(), "id2".to_string())));
-        let last = parse_list_uploads("<IsTruncated>false</IsTruncated>");
+        let last = parse_list_uploads(
+            "<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>",
+        )
+        .unwrap();
         assert!(last.uploads.is_empty() && last.next.is_none());
+        // Entities, CDATA and unknown elements are XML's business, not ours.
+        let odd = parse_list_uploads(
+            "<ListMultipartUploadsResult><Upload><Key><![CDATA[a<b]]></Key><Owner><ID>x</ID></Owner><UploadId>u&#49;</UploadId></Upload></ListMultipartUploadsResult>",
+        )
+        .unwrap();
+        assert_eq!(odd.uploads[0].key, "a<b");
+        assert_eq!(odd.uploads[0].upload_id, "u1");
+        assert!(parse_list_uploads("<html>proxy error</html").is_err());
     }
 
     #[test]
@@ -864,3 +1044,7 @@ mod tests {
         assert_eq!(s.layout().base(), "p/c");
     }
 }
+
+/// Test seams: an in-memory store and a wrapper that fails chosen calls.
+#[cfg(test)]
+pub(crate) mod testing;

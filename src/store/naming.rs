@@ -1,11 +1,15 @@
 //! Object names. The one module that builds and parses keys in the store.
 //!
-//! Layout (format version 1), under the configured prefix:
+//! Layout, under the configured prefix:
 //!
 //! ```text
 //! PREFIX/CLUSTER_NAME/<id>/snapshot.db[.zst|.gz][.age]   the data object
 //! PREFIX/CLUSTER_NAME/<id>/manifest.json           the commit marker, written last
 //! ```
+//!
+//! A backup is its `<id>/` directory: the manifest names its data object by file name
+//! only (format 2; format 1 wrote the full key, of which only the file name is used), so a
+//! backup directory copied to another prefix, bucket, cluster name or backend stays valid.
 //!
 //! `<id>` is `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC start time of the cycle (so names sort by
 //! time in any listing) and six random hex digits (so two nodes, or a one-shot run next to
@@ -23,6 +27,19 @@ pub const MANIFEST_NAME: &str = "manifest.json";
 pub const SNAPSHOT_STEM: &str = "snapshot.db";
 
 const TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+/// The file name of a data object with `suffix` (e.g. `.zst.age`).
+pub fn data_file_name(suffix: &str) -> String {
+    format!("{SNAPSHOT_STEM}{suffix}")
+}
+
+/// Whether `name` is the file name of a data object this tool writes.
+fn is_data_name(name: &str) -> bool {
+    [".zst", ".gz", ""].iter().any(|s| {
+        let rest = name.strip_prefix(SNAPSHOT_STEM);
+        rest == Some(s) || rest.and_then(|r| r.strip_suffix(crate::codec::crypt::SUFFIX)) == Some(s)
+    })
+}
 
 /// The identifier of one backup.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -159,16 +176,18 @@ impl Layout {
         let id: BackupId = id.parse().ok()?;
         match name {
             MANIFEST_NAME => Some(ObjectKind::Manifest(id)),
-            n if [".zst", ".gz", ""].iter().any(|s| {
-                let rest = n.strip_prefix(SNAPSHOT_STEM);
-                rest == Some(s)
-                    || rest.and_then(|r| r.strip_suffix(crate::codec::crypt::SUFFIX)) == Some(s)
-            }) =>
-            {
-                Some(ObjectKind::Data(id))
-            }
+            n if is_data_name(n) => Some(ObjectKind::Data(id)),
             _ => None,
         }
+    }
+
+    /// The key of backup `id`'s data object, named `object` in its manifest: the file name
+    /// inside the backup's own directory, wherever the manifest says it was written (a
+    /// format-1 manifest holds the full key of the place it was first written). `None`
+    /// when `object` does not end in a data object's name.
+    pub fn data_key_for(&self, id: &BackupId, object: &str) -> Option<String> {
+        let name = object.rsplit('/').next()?;
+        is_data_name(name).then(|| format!("{}/{id}/{name}", self.base))
     }
 }
 
@@ -230,6 +249,41 @@ mod tests {
             assert_eq!(l.classify(foreign), None, "{foreign}");
         }
         assert_eq!(Layout::new("", "c").base(), "c");
+    }
+
+    #[test]
+    fn data_objects_resolve_inside_the_backup_directory() {
+        let l = Layout::new("new/prefix", "prod");
+        let id: BackupId = "20260102T030405Z-0a1b2c".parse().unwrap();
+        let want = Some("new/prefix/prod/20260102T030405Z-0a1b2c/snapshot.db.zst".to_string());
+        // Format 2: the file name.
+        assert_eq!(l.data_key_for(&id, &data_file_name(".zst")), want);
+        // Format 1: the full key where it was first written (other prefix and cluster name).
+        assert_eq!(
+            l.data_key_for(
+                &id,
+                "old/kubernetes/20260102T030405Z-0a1b2c/snapshot.db.zst"
+            ),
+            want
+        );
+        // Even a full key naming another id resolves inside this backup's own directory.
+        assert_eq!(
+            l.data_key_for(&id, "kubernetes/20990101T000000Z-ffffff/snapshot.db.zst"),
+            want
+        );
+        for bad in [
+            "",
+            "manifest.json",
+            "../../etc/passwd",
+            "snapshot.db.zst/",
+            "x/notes.txt",
+        ] {
+            assert_eq!(l.data_key_for(&id, bad), None, "{bad}");
+        }
+        assert_eq!(
+            l.data_key_for(&id, "snapshot.db.gz.age"),
+            Some("new/prefix/prod/20260102T030405Z-0a1b2c/snapshot.db.gz.age".to_string())
+        );
     }
 
     proptest! {

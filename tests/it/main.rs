@@ -16,4 +16,5 @@ mod observability;
 mod restore;
 mod retention;
 mod soak;
+mod store_safety;
 mod verifier;

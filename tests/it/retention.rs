@@ -76,8 +76,16 @@ fn manifest(id: &BackupId, key: &str, t: DateTime<Utc>) -> Manifest {
 
 fn prune_cli(env: &Env, args: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
-    cmd.args(["prune", "--json", "--config", env.config.to_str().unwrap()])
-        .args(args);
+    // The manifests below are of cluster id "1"; no etcd runs here to say which is local.
+    cmd.args([
+        "prune",
+        "--json",
+        "--cluster-id",
+        "1",
+        "--config",
+        env.config.to_str().unwrap(),
+    ])
+    .args(args);
     for (k, _) in std::env::vars() {
         if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
             cmd.env_remove(k);
@@ -330,11 +338,12 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
         &policy,
         now,
         std::time::Duration::from_secs(1200),
+        "1",
         false,
     )
     .await
     .unwrap();
-    assert!(o.uploads_aborted.is_empty(), "{o:?}");
+    assert!(o.cleaned_where(true).is_empty(), "{o:?}");
     g.wait_incomplete_uploads(&env.bucket, 3);
     // Two days later they are stale: ours are aborted, the foreign one stays.
     let later = now + Duration::days(2);
@@ -343,11 +352,12 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
         &policy,
         later,
         std::time::Duration::from_secs(1200),
+        "1",
         true,
     )
     .await
     .unwrap();
-    assert_eq!(dry.uploads_aborted.len(), 2);
+    assert_eq!(dry.cleaned_where(true).len(), 2);
     assert_eq!(
         g.incomplete_multipart_uploads(&env.bucket),
         3,
@@ -358,11 +368,12 @@ async fn stale_incomplete_uploads_under_our_prefix_are_aborted() {
         &policy,
         later,
         std::time::Duration::from_secs(1200),
+        "1",
         false,
     )
     .await
     .unwrap();
-    assert_eq!(o.uploads_aborted.len(), 2, "{o:?}");
-    assert!(o.failed.is_empty(), "{o:?}");
+    assert_eq!(o.cleaned_where(true).len(), 2, "{o:?}");
+    assert!(o.failed().is_empty(), "{o:?}");
     g.wait_incomplete_uploads(&env.bucket, 1);
 }
