@@ -737,21 +737,32 @@ async fn restore(
             BumpPlan::Use(n) => Some(n),
             _ => None,
         };
-        etcdutl::run(
-            &tool.path,
-            &RestoreArgs {
-                snapshot: &out,
-                data_dir: d,
-                name,
-                peer_url: peer,
-                initial_cluster: cluster,
-                cluster_token: &token,
-                bump: used,
-            },
-        )
-        .await
-        .map_err(failed)?;
+        let args = RestoreArgs {
+            snapshot: &out,
+            data_dir: d,
+            name,
+            peer_url: peer,
+            initial_cluster: cluster,
+            cluster_token: &token,
+            bump: used,
+        };
         println!();
+        println!(
+            "Running: {} {}{}",
+            tool.path.display(),
+            args.to_args()
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            match plan {
+                BumpPlan::Commented(n) => format!(
+                    "  # --bump-revision {n} --mark-compacted (this etcdutl has no such flags)"
+                ),
+                _ => String::new(),
+            }
+        );
+        etcdutl::run(&tool.path, &args).await.map_err(failed)?;
         println!(
             "etcdutl restored member {name:?} into {}{}",
             d.display(),

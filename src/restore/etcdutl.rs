@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_BUMP: u64 = 1_000_000_000;
 
 /// The etcdutl release that first has `--bump-revision` and `--mark-compacted`.
-pub const BUMP_SINCE: &str = "3.5.10 (or 3.6)";
+pub const BUMP_SINCE: &str = "3.5.10 or later (or 3.6)";
 
 /// Whether `etcdutl snapshot restore --help` lists both flags.
 pub fn help_supports_bump(help: &str) -> bool {
@@ -41,7 +41,7 @@ impl Etcdutl {
     /// The warning for an etcdutl without the flags: what it is and what to upgrade to.
     pub fn upgrade_warning(&self) -> String {
         format!(
-            "{} ({}) has no --bump-revision/--mark-compacted: a cluster restored with it starts at the backup's revision, older than what Kubernetes' watch caches and controllers have seen, and they can miss changes or act on stale state; upgrade etcdutl to {BUMP_SINCE} or later (the restore commands below show the flags commented out)",
+            "{} ({}) has no --bump-revision/--mark-compacted: a cluster restored with it starts at the backup's revision, older than what Kubernetes' watch caches and controllers have seen, and they can miss changes or act on stale state; upgrade etcdutl to {BUMP_SINCE} (the restore commands below show the flags commented out)",
             self.path.display(),
             self.version.as_deref().unwrap_or("version unknown")
         )

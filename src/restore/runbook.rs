@@ -69,7 +69,7 @@ pub struct RunbookInput<'a> {
 /// without a member list (written by an older version), one placeholder member per
 /// `[etcd] endpoints` host, with a note saying what to check.
 pub fn members(m: &Manifest, endpoints: &[String]) -> (Vec<RunbookMember>, Option<String>) {
-    let recorded: Vec<RunbookMember> = m
+    let mut recorded: Vec<RunbookMember> = m
         .members
         .iter()
         .filter(|x| !x.is_learner && !x.name.is_empty() && !x.peer_urls.is_empty())
@@ -79,6 +79,7 @@ pub fn members(m: &Manifest, endpoints: &[String]) -> (Vec<RunbookMember>, Optio
             client_url: x.client_urls.first().cloned(),
         })
         .collect();
+    recorded.sort_by(|a, b| a.name.cmp(&b.name));
     if !recorded.is_empty() {
         return (recorded, None);
     }
@@ -202,7 +203,7 @@ pub fn render(input: &RunbookInput) -> String {
     if let BumpPlan::Use(_) = input.bump {
         let _ = writeln!(
             w,
-            "   (--bump-revision/--mark-compacted need etcdutl {BUMP_SINCE} or later; `etcdutl version` shows yours)"
+            "   (--bump-revision/--mark-compacted need etcdutl {BUMP_SINCE}; `etcdutl version` shows yours)"
         );
     }
     for x in &members {
@@ -384,7 +385,10 @@ mod tests {
         for line in r.lines().filter(|l| l.contains("--bump-revision")) {
             let code = line.split('#').next().unwrap();
             assert!(!code.contains("--bump-revision"), "{line}");
-            assert!(line.contains("upgrade etcdutl to 3.5.10"), "{line}");
+            assert!(
+                line.contains("upgrade etcdutl to 3.5.10 or later (or 3.6)"),
+                "{line}"
+            );
             // The command ends at the comment: no continuation after it.
             assert!(!line.trim_end().ends_with('\\'), "{line}");
         }
