@@ -657,7 +657,14 @@ async fn restore(
     }
     // Which etcdutl runs `--data-dir` (and what it supports) decides the printed flags too.
     let tool = match etcdutl::find(None, "etcdutl") {
-        Some(p) => Some(etcdutl::probe(&p).await.map_err(failed)?),
+        Some(p) => match etcdutl::probe(&p).await {
+            Ok(t) => Some(t),
+            Err(e) if member.is_some() => return Err(failed(e)),
+            Err(e) => {
+                eprintln!("warning: {e}; the printed commands assume etcdutl 3.5.10 or later");
+                None
+            }
+        },
         None => None,
     };
     if member.is_some() && tool.is_none() {

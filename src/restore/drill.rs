@@ -97,8 +97,9 @@ pub fn clean_stale(dir: &Path) -> usize {
     removed
 }
 
-/// Headroom on top of twice the snapshot's size.
-const SPACE_MARGIN: u64 = 64 << 20;
+/// Headroom on top of twice the snapshot's size: etcd preallocates 64 MiB WAL segments, one
+/// by etcdutl and possibly another when the member starts.
+const SPACE_MARGIN: u64 = 128 << 20;
 
 /// The space a drill of a `size`-byte snapshot needs: the downloaded snapshot, the restored
 /// data directory (about as large), and headroom for etcd's WAL and temporary files.
@@ -167,6 +168,13 @@ pub async fn run(
             )
         })?;
     let _guard = TempDir(dir.clone());
+    let socket = dir.join(CLIENT_SOCKET);
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "the drill's socket path {} is longer than a unix socket path may be ({MAX_SOCKET_PATH} bytes); set backup.spool_dir to a shorter path",
+            socket.display()
+        ));
+    }
     let file = dir.join("snapshot.db");
     restore::fetch_to_file(store, &m, &file, None, identities.as_ref())
         .await
@@ -214,6 +222,8 @@ pub async fn run(
 /// that name in its working directory (the drill's directory).
 const CLIENT_SOCKET: &str = "client:1";
 const PEER_SOCKET: &str = "peer:1";
+/// The longest path `connect(2)` takes for a unix socket (`sun_path` is 108 bytes).
+const MAX_SOCKET_PATH: usize = 107;
 
 #[allow(clippy::too_many_arguments)]
 async fn restore_and_check(
@@ -358,7 +368,7 @@ mod tests {
     fn the_space_check_wants_twice_the_snapshot_plus_a_margin() {
         let mut m = crate::store::manifest::sample("20260102T030405Z-0a1b2c", chrono::Utc::now());
         m.size = 1 << 30;
-        let needed = (2u64 << 30) + (64 << 20);
+        let needed = (2u64 << 30) + (128 << 20);
         assert_eq!(space_needed(m.size), needed);
         assert!(check_space(Path::new("/s"), needed, &m).is_ok());
         let e = check_space(Path::new("/s"), needed - 1, &m).unwrap_err();

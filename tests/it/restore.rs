@@ -590,6 +590,12 @@ exec {etcd} "$@"
         &format!("etcd_dir = \"{}\"", bin.display()),
     );
     std::fs::write(&f.config, c).unwrap();
+    // Directories a crashed drill and a crashed verify left behind (pid 4194304 is above the
+    // kernel's maximum, so never alive) are removed when the drill starts.
+    let spool = f.dir.path().join("spool");
+    for stale in ["drill-4194304/data/member", "verify-4194304"] {
+        std::fs::create_dir_all(spool.join(stale)).unwrap();
+    }
     let o = etcd_backup(&["drill", "--config", f.config.to_str().unwrap()], None);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -640,8 +646,8 @@ exec {etcd} "$@"
             && listening.iter().any(|p| p.ends_with("peer:1")),
         "expected unix listeners for client and peer, saw {listening:?}"
     );
-    // And everything is gone afterwards.
-    let left: Vec<_> = std::fs::read_dir(f.dir.path().join("spool"))
+    // And everything is gone afterwards, the stale directories too.
+    let left: Vec<_> = std::fs::read_dir(&spool)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
