@@ -260,6 +260,9 @@ async fn restore_and_check(
             cmd.env_remove(k);
         }
     }
+    let log = dir.join("etcd.log");
+    let log_file =
+        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let mut child = cmd
         .current_dir(dir)
         .args(["--name", "drill", "--data-dir"])
@@ -280,42 +283,93 @@ async fn restore_and_check(
         .args(["--initial-cluster-token", &token])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", etcd.display()))?;
     let endpoint = format!("unix://{}", dir.join(CLIENT_SOCKET).display());
     let expected = m.revision.saturating_add_unsigned(bump.unwrap_or(0));
-    let r = tokio::time::timeout(timeout, check(&endpoint, m, expected)).await;
+    let r = check(&endpoint, m, expected, &mut child, timeout).await;
     let _ = child.kill().await;
-    match r {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "the restored etcd did not serve the backup within {}",
-            humantime::format_duration(timeout)
-        )),
+    r.map_err(|e| match e {
+        CheckError::Mismatch(e) => e,
+        CheckError::Exited(status) => format!(
+            "the restored etcd exited ({status}) before serving the backup: {}",
+            last_log_line(&log)
+        ),
+        CheckError::Timeout(last) => format!(
+            "the restored etcd did not serve the backup within {} ([drill] timeout): {last}; its log ends: {}",
+            humantime::format_duration(timeout),
+            last_log_line(&log)
+        ),
+    })
+}
+
+/// The most telling line of etcd's log: the last fatal or error line, else the last line.
+fn last_log_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let pick = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"level\":\"fatal\"") || l.contains("\"level\":\"error\""))
+        .or(lines.last())
+        .map_or("(empty)", |l| l.trim());
+    let mut out: String = pick.chars().take(600).collect();
+    if out.len() < pick.len() {
+        out.push('…');
     }
+    out
+}
+
+enum CheckError {
+    /// It served something else than the manifest says.
+    Mismatch(String),
+    /// It exited.
+    Exited(std::process::ExitStatus),
+    /// It did not answer in time (the last error).
+    Timeout(String),
 }
 
 /// Waits for the restored member and compares what it serves with the manifest: revision
 /// `expected` (the backup's, plus the bump) and the live key count.
-async fn check(endpoint: &str, m: &Manifest, expected: i64) -> Result<(i64, u64), String> {
-    let mut last_err = String::new();
-    for _ in 0..200 {
-        match crate::etcd::revision_and_key_count(endpoint).await {
+async fn check(
+    endpoint: &str,
+    m: &Manifest,
+    expected: i64,
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+) -> Result<(i64, u64), CheckError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_err = "no answer yet".to_string();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(CheckError::Exited(status));
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(CheckError::Timeout(last_err));
+        }
+        let attempt = tokio::time::timeout(
+            left.min(Duration::from_secs(10)),
+            crate::etcd::revision_and_key_count(endpoint),
+        )
+        .await
+        .unwrap_or_else(|_| Err("a request timed out".to_string()));
+        match attempt {
             Ok((revision, count)) => {
                 if revision != expected {
-                    return Err(format!(
+                    return Err(CheckError::Mismatch(format!(
                         "the restored etcd is at revision {revision}, expected {expected} (the manifest says {}{})",
                         m.revision,
                         if expected == m.revision { String::new() } else { format!(", plus the bump of {}", expected - m.revision) }
-                    ));
+                    )));
                 }
                 if count != m.verification.live_keys {
-                    return Err(format!(
+                    return Err(CheckError::Mismatch(format!(
                         "the restored etcd serves {count} keys, the manifest says {}",
                         m.verification.live_keys
-                    ));
+                    )));
                 }
                 return Ok((revision, count));
             }
@@ -323,7 +377,6 @@ async fn check(endpoint: &str, m: &Manifest, expected: i64) -> Result<(i64, u64)
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(format!("the restored etcd did not answer: {last_err}"))
 }
 
 #[cfg(test)]
@@ -362,6 +415,26 @@ mod tests {
         }
         assert!(dir.path().join("verify-4194305").exists());
         assert_eq!(clean_stale(Path::new("/nonexistent/etcd-backup")), 0);
+    }
+
+    #[test]
+    fn the_log_line_shown_is_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("etcd.log");
+        assert_eq!(last_log_line(&log), "(empty)");
+        std::fs::write(
+            &log,
+            "{\"level\":\"info\",\"msg\":\"a\"}\n{\"level\":\"fatal\",\"msg\":\"boom\"}\n{\"level\":\"info\",\"msg\":\"b\"}\n\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_log_line(&log),
+            "{\"level\":\"fatal\",\"msg\":\"boom\"}"
+        );
+        std::fs::write(&log, "plain\nlast\n").unwrap();
+        assert_eq!(last_log_line(&log), "last");
+        std::fs::write(&log, "x".repeat(2000)).unwrap();
+        assert_eq!(last_log_line(&log).chars().count(), 601);
     }
 
     #[test]

@@ -652,3 +652,36 @@ exec {etcd} "$@"
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// An etcd that dies at start fails the drill at once, with its last error, not after the
+/// drill's timeout.
+#[test]
+fn a_drill_whose_etcd_exits_fails_at_once_with_its_error() {
+    let f = fixture("timeout = \"10m\"");
+    let bin = f.dir.path().join("dying-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(etcd_dir(&f.bins).join("etcdutl"), bin.join("etcdutl")).unwrap();
+    std::fs::write(
+        bin.join("etcd"),
+        "#!/bin/sh\necho '{\"level\":\"fatal\",\"msg\":\"listener failed\"}' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("etcd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let c = std::fs::read_to_string(&f.config).unwrap().replace(
+        &format!("etcd_dir = \"{}\"", etcd_dir(&f.bins).display()),
+        &format!("etcd_dir = \"{}\"", bin.display()),
+    );
+    std::fs::write(&f.config, c).unwrap();
+    let o = etcd_backup(&["drill", "--config", f.config.to_str().unwrap()], None);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("the restored etcd exited (exit status: 1) before serving the backup")
+            && text(&o).contains("listener failed"),
+        "{}",
+        text(&o)
+    );
+}
