@@ -200,12 +200,16 @@ pub fn render(input: &RunbookInput) -> String {
         w,
         "4. Restore each member's data directory from the same file, with its own name and peer URL:"
     );
-    if let BumpPlan::Use(_) = input.bump {
-        let _ = writeln!(
-            w,
-            "   (--bump-revision/--mark-compacted need etcdutl {BUMP_SINCE}; `etcdutl version` shows yours)"
-        );
-    }
+    let _ = writeln!(
+        w,
+        "   (etcdutl comes in etcd's release archive; kubeadm hosts often lack it: copy it in first{})",
+        match input.bump {
+            BumpPlan::Use(_) => format!(
+                "; --bump-revision/--mark-compacted need etcdutl {BUMP_SINCE}, `etcdutl version` shows yours"
+            ),
+            _ => String::new(),
+        }
+    );
     for x in &members {
         let _ = writeln!(w, "   on {}:", x.name);
         let _ = writeln!(w, "     etcdutl snapshot restore {file} \\");
