@@ -495,6 +495,17 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
             method: crate::codec::crypt::METHOD_AGE.to_string(),
             recipients: cfg.encryption.recipients.clone(),
         }),
+        members: status
+            .members
+            .iter()
+            .map(|m| crate::store::manifest::ClusterMember {
+                id: format!("{:016x}", m.id),
+                name: m.name.clone(),
+                peer_urls: m.peer_urls.clone(),
+                client_urls: m.client_urls.clone(),
+                is_learner: m.is_learner,
+            })
+            .collect(),
     }
 }
 

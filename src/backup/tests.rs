@@ -93,6 +93,7 @@ impl SnapshotSource for FileSource {
                 cluster_id: 0xabcd,
                 member_name: "m1".into(),
                 errors: Vec::new(),
+                members: Vec::new(),
             })
         })
     }

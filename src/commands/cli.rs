@@ -134,6 +134,14 @@ pub enum Command {
         /// new id) or to act on an old cluster's backups on purpose.
         #[arg(long, value_name = "ID")]
         cluster_id: Option<String>,
+        /// Restore without `--bump-revision`/`--mark-compacted` (for etcd clusters that no
+        /// Kubernetes and no other watching client uses).
+        #[arg(long, conflicts_with = "bump_revision")]
+        no_bump: bool,
+        /// How far to move the restored revision forward (default: 1,000,000,000, or more
+        /// when the backups show a cluster that writes faster).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        bump_revision: Option<u64>,
     },
     /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
     Prune {

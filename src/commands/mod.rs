@@ -94,6 +94,8 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             peer_url,
             initial_cluster,
             cluster_id,
+            no_bump,
+            bump_revision,
         } => {
             let cfg = Config::load(&config.config)?;
             let member = data_dir.map(|dir| {
@@ -107,11 +109,16 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
                     cluster,
                 }
             });
+            let bump = match (no_bump, bump_revision) {
+                (true, _) => BumpChoice::Off,
+                (false, Some(n)) => BumpChoice::Exactly(n),
+                (false, None) => BumpChoice::Auto,
+            };
             let which = Which {
                 backup: &backup,
                 cluster_id,
             };
-            restore(&cfg, &which, &output, member, identity.as_deref()).await
+            restore(&cfg, &which, &output, member, identity.as_deref(), bump).await
         }
         Command::Prune {
             config,
@@ -137,11 +144,18 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             let rep = crate::restore::drill::run(&cfg, &store, identity.as_deref())
                 .await
                 .map_err(|e| failed(format!("restore drill failed: {e}")))?;
+            if let Some(w) = &rep.warning {
+                eprintln!("warning: {w}");
+            }
             match (&rep.served_keys, &rep.not_restored) {
                 (Some(keys), _) => println!(
-                    "restore drill passed: backup {} restored into a throwaway etcd serving revision {} and {keys} keys, as its manifest says ({:.1} s)",
+                    "restore drill passed: backup {} restored into a throwaway etcd serving revision {} and {keys} keys, as its manifest says ({}; {:.1} s)",
                     rep.id,
-                    rep.revision,
+                    rep.served_revision.unwrap_or(rep.revision),
+                    match rep.bump {
+                        Some(b) => format!("revision {} bumped by {b} with --bump-revision --mark-compacted, as `restore` does", rep.revision),
+                        None => "restored without --bump-revision: the etcdutl found has no such flag".to_string(),
+                    },
                     rep.duration.as_secs_f64()
                 ),
                 (None, Some(why)) => println!(
@@ -691,6 +705,7 @@ async fn verify_backups(
     } else {
         vec![pick(cfg, &listing, which).await?]
     };
+    crate::restore::drill::clean_stale(&cfg.backup.spool_dir);
     let tmp = tempdir_in(&cfg.backup.spool_dir)?;
     let mut results = Vec::new();
     let mut bad = 0;
@@ -757,13 +772,24 @@ struct RestoreMember {
     cluster: String,
 }
 
+/// `--no-bump`, `--bump-revision N`, or neither.
+#[derive(Debug, Clone, Copy)]
+enum BumpChoice {
+    Off,
+    Exactly(u64),
+    Auto,
+}
+
 async fn restore(
     cfg: &Config,
     which: &Which<'_>,
     output: &std::path::Path,
     member: Option<RestoreMember>,
     identity: Option<&std::path::Path>,
+    bump: BumpChoice,
 ) -> Result<(), CommandError> {
+    use crate::restore::etcdutl::{self, RestoreArgs};
+    use crate::restore::runbook::{self, BumpPlan, EtcdctlTls, RunbookInput};
     let identities =
         crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)
             .map_err(failed)?;
@@ -775,6 +801,23 @@ async fn restore(
             )));
         }
     }
+    // Which etcdutl runs `--data-dir` (and what it supports) decides the printed flags too.
+    let tool = match etcdutl::find(None, "etcdutl") {
+        Some(p) => match etcdutl::probe(&p).await {
+            Ok(t) => Some(t),
+            Err(e) if member.is_some() => return Err(failed(e)),
+            Err(e) => {
+                eprintln!("warning: {e}; the printed commands assume etcdutl 3.5.10 or later");
+                None
+            }
+        },
+        None => None,
+    };
+    if member.is_some() && tool.is_none() {
+        return Err(failed(
+            "--data-dir needs etcdutl on PATH (it ships with etcd 3.5+; 3.5.10 or later restores with --bump-revision); install it, or leave out --data-dir and follow the printed steps",
+        ));
+    }
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
     let m = pick(cfg, &listing, which).await?;
@@ -782,50 +825,107 @@ async fn restore(
     let rep = fetch::fetch_to_file(&store, m, output, Some(&progress), identities.as_ref()).await;
     progress.finish();
     let rep = rep.map_err(failed)?;
-    let out = output.display();
+    let out = std::path::absolute(output).unwrap_or_else(|_| output.to_path_buf());
     println!(
-        "restored backup {} (revision {}, {} live keys, taken {}) to {out}; sha256 and snapshot structure verified",
+        "restored backup {} (revision {}, {} live keys, taken {}) to {}; sha256 and snapshot structure verified",
         m.id,
         rep.verify.revision,
         rep.verify.live_keys,
-        m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        out.display()
     );
-    println!();
-    println!("To restore a single-member cluster (on the node, with etcd stopped):");
-    println!("  etcdutl snapshot restore {out} \\\n    --name NODE --data-dir /var/lib/etcd-restored \\\n    --initial-cluster NODE=https://NODE_IP:2380 \\\n    --initial-advertise-peer-urls https://NODE_IP:2380");
-    println!();
-    println!("To restore a 3-member cluster, run on each member i (1..3) with the same file:");
-    println!("  etcdutl snapshot restore {out} \\\n    --name NODE_i --data-dir /var/lib/etcd-restored \\\n    --initial-cluster NODE_1=https://IP_1:2380,NODE_2=https://IP_2:2380,NODE_3=https://IP_3:2380 \\\n    --initial-cluster-token etcd-cluster-restored \\\n    --initial-advertise-peer-urls https://IP_i:2380");
-    if let Some(RestoreMember {
-        dir: d,
-        name,
-        peer,
-        cluster,
-    }) = &member
-    {
-        let status = tokio::process::Command::new("etcdutl")
-            .arg("snapshot")
-            .arg("restore")
-            .arg(output)
-            .arg("--data-dir")
-            .arg(d)
-            .args(["--name", name])
-            .args(["--initial-cluster", cluster])
-            .args(["--initial-advertise-peer-urls", peer])
-            .status()
-            .await
-            .map_err(|e| {
-                failed(format!(
-                    "cannot run etcdutl: {e}; install etcdutl (it ships with etcd 3.5+) or restore by hand with the commands above"
-                ))
-            })?;
-        if !status.success() {
-            return Err(failed(format!(
-                "etcdutl snapshot restore failed ({status})"
-            )));
+    let amount = match bump {
+        BumpChoice::Off => None,
+        BumpChoice::Exactly(n) => Some(n),
+        BumpChoice::Auto => Some(etcdutl::choose_bump(
+            m,
+            &listing.backups,
+            chrono::Utc::now(),
+        )),
+    };
+    let plan = match (amount, &tool) {
+        (None, _) => BumpPlan::Off,
+        (Some(n), Some(t)) if !t.supports_bump => {
+            eprintln!("warning: {}", t.upgrade_warning());
+            BumpPlan::Commented(n)
         }
+        (Some(n), _) => BumpPlan::Use(n),
+    };
+    let tls = cfg
+        .etcd
+        .tls
+        .as_ref()
+        .and_then(|t| {
+            Some(EtcdctlTls {
+                ca: t.ca_file.display().to_string(),
+                cert: t.cert_file.as_ref()?.display().to_string(),
+                key: t.key_file.as_ref()?.display().to_string(),
+            })
+        })
+        .unwrap_or_default();
+    let snapshot = out.display().to_string();
+    println!();
+    print!(
+        "{}",
+        runbook::render(&RunbookInput {
+            backup: m,
+            snapshot: &snapshot,
+            endpoints: &cfg.etcd.endpoints,
+            tls,
+            bump: plan,
+        })
+    );
+    if let (
+        Some(RestoreMember {
+            dir: d,
+            name,
+            peer,
+            cluster,
+        }),
+        Some(tool),
+    ) = (&member, &tool)
+    {
+        let token = etcdutl::cluster_token(&m.id);
+        let used = match plan {
+            BumpPlan::Use(n) => Some(n),
+            _ => None,
+        };
+        let args = RestoreArgs {
+            snapshot: &out,
+            data_dir: d,
+            name,
+            peer_url: peer,
+            initial_cluster: cluster,
+            cluster_token: &token,
+            bump: used,
+        };
         println!();
-        println!("etcdutl restored member {name:?} into {}", d.display());
+        println!(
+            "Running: {} {}{}",
+            tool.path.display(),
+            args.to_args()
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            match plan {
+                BumpPlan::Commented(n) => format!(
+                    "  # --bump-revision {n} --mark-compacted (this etcdutl has no such flags)"
+                ),
+                _ => String::new(),
+            }
+        );
+        etcdutl::run(&tool.path, &args).await.map_err(failed)?;
+        println!(
+            "etcdutl restored member {name:?} into {}{}",
+            d.display(),
+            match (used, plan) {
+                (Some(n), _) => format!(" with --bump-revision {n} --mark-compacted"),
+                (None, BumpPlan::Commented(_)) =>
+                    " WITHOUT --bump-revision (etcdutl too old: see the warning)".to_string(),
+                (None, _) => " without --bump-revision (--no-bump)".to_string(),
+            }
+        );
     }
     Ok(())
 }

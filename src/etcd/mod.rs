@@ -80,17 +80,23 @@ pub struct MemberStatus {
     pub member_name: String,
     /// Errors the member reports (alarms such as NOSPACE).
     pub errors: Vec<String>,
+    /// The cluster's member list as this member sees it.
+    pub members: Vec<ClusterMember>,
 }
 
 /// The revision and the number of keys an etcd without TLS or auth serves at `endpoint`
-/// (a throwaway member, such as a restore drill's).
+/// (a throwaway member, such as a restore drill's). `endpoint` is a client URL, or
+/// `unix:///path/to/socket` for a member listening on a unix socket only.
 ///
 /// # Errors
 /// The client's message when the member cannot be reached or read.
 pub async fn revision_and_key_count(endpoint: &str) -> Result<(i64, u64), String> {
-    let mut c = Client::connect([endpoint], None)
-        .await
-        .map_err(|e| describe(&e))?;
+    let mut c = match endpoint.strip_prefix("unix://") {
+        Some(path) => unix_client(std::path::Path::new(path)).await?,
+        None => Client::connect([endpoint], None)
+            .await
+            .map_err(|e| describe(&e))?,
+    };
     let opts = etcd_client::GetOptions::new()
         .with_all_keys()
         .with_count_only();
@@ -118,6 +124,44 @@ pub async fn local_cluster_id(cfg: &EtcdConfig) -> Result<String, String> {
         }
     }
     Err(errors.join("; "))
+}
+
+/// A client for a member that listens on the unix socket `path` (no TLS, no auth).
+///
+/// etcd-client dials only `http(s)://` URLs itself; a tonic channel with a connector that
+/// opens the socket carries the same gRPC. The URI is a placeholder: the connector ignores it.
+async fn unix_client(path: &std::path::Path) -> Result<Client, String> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {shown}: {}", crate::error::flatten(&e)))?;
+    Client::from_channel(etcd_client::Channel::Tonic(channel), None)
+        .await
+        .map_err(|e| describe(&e))
+}
+
+/// One member of the cluster as the member list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMember {
+    /// Member id.
+    pub id: u64,
+    /// Member name (empty for a member that was added but has not started).
+    pub name: String,
+    /// Its peer URLs.
+    pub peer_urls: Vec<String>,
+    /// Its client URLs.
+    pub client_urls: Vec<String>,
+    /// Whether it is a learner.
+    pub is_learner: bool,
 }
 
 /// A connection to one etcd member.
@@ -264,6 +308,17 @@ impl Member {
             cluster_id: header.map_or(0, etcd_client::ResponseHeader::cluster_id),
             member_name,
             errors: st.errors().to_vec(),
+            members: members
+                .members()
+                .iter()
+                .map(|m| ClusterMember {
+                    id: m.id(),
+                    name: m.name().to_string(),
+                    peer_urls: m.peer_urls().to_vec(),
+                    client_urls: m.client_urls().to_vec(),
+                    is_learner: m.is_learner(),
+                })
+                .collect(),
         })
     }
 

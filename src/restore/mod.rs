@@ -3,6 +3,8 @@
 //! verifier on it. Shared by `restore` and `verify`.
 
 pub mod drill;
+pub mod etcdutl;
+pub mod runbook;
 
 use crate::codec::crypt::Identities;
 use crate::codec::digest::Sha256;

@@ -104,6 +104,27 @@ pub struct Manifest {
     /// Client-side encryption of the stored object, when it is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// The cluster's members when the backup was taken (for the restore runbook); empty in
+    /// manifests written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<ClusterMember>,
+}
+
+/// One member of the etcd cluster as its member list showed it at backup time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMember {
+    /// Member id (hex).
+    pub id: String,
+    /// Member name (`--name`; on kubeadm the node name).
+    pub name: String,
+    /// Peer URLs (`--initial-advertise-peer-urls`).
+    pub peer_urls: Vec<String>,
+    /// Client URLs (`--advertise-client-urls`).
+    #[serde(default)]
+    pub client_urls: Vec<String>,
+    /// Whether it was a learner (not a voting member).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_learner: bool,
 }
 
 /// How a stored object is encrypted: the method and the public keys it was encrypted to
@@ -197,6 +218,7 @@ pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
         slot: None,
         fencing_token: None,
         encryption: None,
+        members: Vec::new(),
     }
 }
 
@@ -249,5 +271,23 @@ mod tests {
         bad["id"] = "../../etc".into();
         let err = Manifest::from_json(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
         assert!(err.contains("not a backup id"), "{err}");
+    }
+
+    #[test]
+    fn members_round_trip_and_are_optional() {
+        let mut m = sample("20260102T030405Z-0a1b2c", Utc::now());
+        let without = String::from_utf8(m.to_json()).unwrap();
+        assert!(!without.contains("members"), "{without}");
+        m.members = vec![ClusterMember {
+            id: "8e9e05c52164694d".into(),
+            name: "cp1".into(),
+            peer_urls: vec!["https://10.0.0.1:2380".into()],
+            client_urls: vec!["https://10.0.0.1:2379".into()],
+            is_learner: false,
+        }];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        // Manifests written before the field existed still read, with no members.
+        let old = Manifest::from_json(without.as_bytes()).unwrap();
+        assert!(old.members.is_empty());
     }
 }
