@@ -274,7 +274,7 @@ mod tests {
 
     fn at(secs: i64, revision: i64, cluster: &str) -> Manifest {
         let t = Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap();
-        let mut m = sample(&format!("b{secs}"), t);
+        let mut m = sample(&crate::store::naming::BackupId::new(t).to_string(), t);
         m.revision = revision;
         m.cluster_id = cluster.into();
         m
