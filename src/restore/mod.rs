@@ -130,42 +130,80 @@ pub async fn fetch_to_file(
     progress: Option<&crate::progress::Progress>,
     identities: Option<&Identities>,
 ) -> Result<FetchReport, RestoreError> {
-    if let Some(enc) = &m.encryption {
-        let Some(ids) = identities else {
-            return Err(RestoreError::Locked {
-                id: m.id.to_string(),
-                detail: format!(
-                    "it is encrypted ({}) to {}; pass --identity FILE (or set [encryption] identity_file) with the secret key of one of them",
-                    enc.method,
-                    enc.recipients.join(", ")
-                ),
-            });
-        };
-        if enc.method != crate::codec::crypt::METHOD_AGE {
-            return Err(RestoreError::Locked {
-                id: m.id.to_string(),
-                detail: format!(
-                    "it is encrypted with {:?}, which this version cannot decrypt",
-                    enc.method
-                ),
-            });
-        }
-        let mine = ids.recipients();
-        if !enc.recipients.iter().any(|r| mine.contains(r)) {
-            return Err(RestoreError::Locked {
-                id: m.id.to_string(),
-                detail: format!(
-                    "none of the identities in {} ({}) is one it was encrypted to ({}); use the identity file of one of those recipients",
-                    ids.source().display(),
-                    mine.join(", "),
-                    enc.recipients.join(", ")
-                ),
-            });
-        }
-    }
+    check_identities(m, identities)?;
     if let Some(p) = progress {
         p.set_total(m.size);
     }
+    let (part, std_file) = create_part(dest)?;
+    let guard = PartFile(Some(part.clone()));
+    let object = store.data_key(m).ok_or_else(|| RestoreError::Corrupt {
+        id: m.id.to_string(),
+        detail: format!("its manifest names no snapshot file ({:?})", m.object),
+    })?;
+    let stored = Arc::new(Mutex::new(Counted::default()));
+    let plain = open_plain(store, m, &object, identities, stored.clone()).await?;
+    let out = tokio::fs::File::from_std(std_file);
+    let raw = copy_bounded(
+        m.compression.decoder(plain),
+        out,
+        m,
+        &object,
+        dest,
+        progress,
+    )
+    .await?;
+    let stored = std::mem::take(&mut *stored.lock().expect("digest lock"));
+    check_digests(m, &object, stored, raw)?;
+    let report = verify_part(m, &part).await?;
+    // Publish without overwriting: a hard link fails if `dest` appeared meanwhile.
+    std::fs::hard_link(&part, dest).map_err(|e| RestoreError::File {
+        path: dest.to_path_buf(),
+        detail: if e.kind() == ErrorKind::AlreadyExists {
+            "appeared while restoring; restore never overwrites a file".into()
+        } else {
+            format!("cannot create: {e}")
+        },
+    })?;
+    drop(guard);
+    Ok(FetchReport { verify: report })
+}
+
+/// Fails unless the backup is unencrypted or one of `identities` is among its recipients.
+fn check_identities(m: &Manifest, identities: Option<&Identities>) -> Result<(), RestoreError> {
+    let Some(enc) = &m.encryption else {
+        return Ok(());
+    };
+    let locked = |detail: String| RestoreError::Locked {
+        id: m.id.to_string(),
+        detail,
+    };
+    let Some(ids) = identities else {
+        return Err(locked(format!(
+            "it is encrypted ({}) to {}; pass --identity FILE (or set [encryption] identity_file) with the secret key of one of them",
+            enc.method,
+            enc.recipients.join(", ")
+        )));
+    };
+    if enc.method != crate::codec::crypt::METHOD_AGE {
+        return Err(locked(format!(
+            "it is encrypted with {:?}, which this version cannot decrypt",
+            enc.method
+        )));
+    }
+    let mine = ids.recipients();
+    if !enc.recipients.iter().any(|r| mine.contains(r)) {
+        return Err(locked(format!(
+            "none of the identities in {} ({}) is one it was encrypted to ({}); use the identity file of one of those recipients",
+            ids.source().display(),
+            mine.join(", "),
+            enc.recipients.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the hidden partial file beside `dest` (mode 0600, never over an existing file).
+fn create_part(dest: &Path) -> Result<(PathBuf, std::fs::File), RestoreError> {
     let file_err = |detail: String| RestoreError::File {
         path: dest.to_path_buf(),
         detail,
@@ -182,7 +220,7 @@ pub async fn fetch_to_file(
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true).mode(0o600);
-    let std_file = opts.open(&part).map_err(|e| {
+    let file = opts.open(&part).map_err(|e| {
         file_err(if e.kind() == ErrorKind::AlreadyExists {
             format!(
                 "{} exists (another restore running, or left over): remove it",
@@ -192,32 +230,45 @@ pub async fn fetch_to_file(
             format!("cannot create {}: {e}", part.display())
         })
     })?;
-    let guard = PartFile(Some(part.clone()));
+    Ok((part, file))
+}
 
-    let object = store.data_key(m).ok_or_else(|| RestoreError::Corrupt {
-        id: m.id.to_string(),
-        detail: format!("its manifest names no snapshot file ({:?})", m.object),
-    })?;
-    let stored_hash = Arc::new(Mutex::new(Sha256::new()));
-    let stored_len = Arc::new(Mutex::new(0u64));
-    let stream = {
-        let (h, n) = (stored_hash.clone(), stored_len.clone());
-        store.get_stream(&object).await?.map_ok(move |b| {
-            h.lock().expect("hash lock").update(&b);
-            *n.lock().expect("len lock") += b.len() as u64;
-            b
-        })
-    };
+/// Bytes counted and hashed as they pass.
+#[derive(Default)]
+struct Counted {
+    len: u64,
+    hash: Sha256,
+}
+
+impl Counted {
+    fn add(&mut self, b: &[u8]) {
+        self.hash.update(b);
+        self.len += b.len() as u64;
+    }
+}
+
+/// The stored object as a byte stream, decrypted when the backup is encrypted; what comes
+/// from the store is counted and hashed into `stored` on the way.
+async fn open_plain(
+    store: &BackupStore,
+    m: &Manifest,
+    object: &str,
+    identities: Option<&Identities>,
+    stored: Arc<Mutex<Counted>>,
+) -> Result<Box<dyn tokio::io::AsyncBufRead + Unpin + Send>, RestoreError> {
+    let stream = store.get_stream(object).await?.map_ok(move |b| {
+        stored.lock().expect("digest lock").add(&b);
+        b
+    });
     let reader =
         tokio::io::BufReader::with_capacity(256 * 1024, tokio_util::io::StreamReader::new(stream));
-    let plain: Box<dyn tokio::io::AsyncBufRead + Unpin + Send> = match (&m.encryption, identities) {
+    match (&m.encryption, identities) {
         (Some(_), Some(ids)) => {
             use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
             let locked = |e: age::DecryptError| RestoreError::Locked {
                 id: m.id.to_string(),
                 detail: format!(
-                    "cannot decrypt the stored object {} with the identities in {}: {e}",
-                    object,
+                    "cannot decrypt the stored object {object} with the identities in {}: {e}",
                     ids.source().display()
                 ),
             };
@@ -225,78 +276,104 @@ pub async fn fetch_to_file(
                 .await
                 .map_err(locked)?;
             let r = d.decrypt_async(ids.as_dyn()).map_err(locked)?;
-            Box::new(tokio::io::BufReader::with_capacity(256 * 1024, r.compat()))
+            Ok(Box::new(tokio::io::BufReader::with_capacity(
+                256 * 1024,
+                r.compat(),
+            )))
         }
-        _ => Box::new(reader),
+        _ => Ok(Box::new(reader)),
+    }
+}
+
+/// Copies the decompressed snapshot into `out` and syncs it; never writes more than the
+/// manifest declares: a stored object that decompresses to more (a compression bomb, or a
+/// damaged object) stops there, not at a full disk.
+async fn copy_bounded(
+    mut decoder: impl tokio::io::AsyncRead + Unpin,
+    out: tokio::fs::File,
+    m: &Manifest,
+    object: &str,
+    dest: &Path,
+    progress: Option<&crate::progress::Progress>,
+) -> Result<Counted, RestoreError> {
+    let write_err = |what: &str, e: std::io::Error| RestoreError::File {
+        path: dest.to_path_buf(),
+        detail: format!("{what} failed: {e}; check free space"),
     };
-    let mut decoder = m.compression.decoder(plain);
-    let mut out =
-        tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(std_file));
-    let mut raw_hash = Sha256::new();
-    let mut raw_len = 0u64;
+    let corrupt = |detail: String| RestoreError::Corrupt {
+        id: m.id.to_string(),
+        detail,
+    };
+    let mut out = tokio::io::BufWriter::with_capacity(1024 * 1024, out);
+    let mut raw = Counted::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = decoder
-            .read(&mut buf)
-            .await
-            .map_err(|e| RestoreError::Corrupt {
-                id: m.id.to_string(),
-                detail: format!(
-                    "reading or decompressing the stored object {object} failed ({e}): it was modified or damaged in storage, or the download broke off"
-                ),
-            })?;
+        let n = decoder.read(&mut buf).await.map_err(|e| {
+            corrupt(format!(
+                "reading or decompressing the stored object {object} failed ({e}): it was modified or damaged in storage, or the download broke off"
+            ))
+        })?;
         if n == 0 {
             break;
         }
-        // Never write more than the manifest declares: a stored object that decompresses
-        // to more (a compression bomb, or a damaged object) stops here, not at a full disk.
-        if raw_len.saturating_add(n as u64) > m.size {
-            return Err(RestoreError::Corrupt {
-                id: m.id.to_string(),
-                detail: format!(
-                    "the stored object {object} decompresses to more than the {} bytes its manifest declares: it was modified or damaged in storage; nothing past that size was written",
-                    m.size
-                ),
-            });
+        if raw.len.saturating_add(n as u64) > m.size {
+            return Err(corrupt(format!(
+                "the stored object {object} decompresses to more than the {} bytes its manifest declares: it was modified or damaged in storage; nothing past that size was written",
+                m.size
+            )));
         }
-        raw_hash.update(&buf[..n]);
-        raw_len += n as u64;
+        raw.add(&buf[..n]);
         if let Some(p) = progress {
             p.inc(n as u64);
         }
         out.write_all(&buf[..n])
             .await
-            .map_err(|e| file_err(format!("writing failed: {e}; check free space")))?;
+            .map_err(|e| write_err("writing", e))?;
     }
-    out.flush()
-        .await
-        .map_err(|e| file_err(format!("writing failed: {e}; check free space")))?;
+    out.flush().await.map_err(|e| write_err("writing", e))?;
     out.get_ref()
         .sync_all()
         .await
-        .map_err(|e| file_err(format!("fsync failed: {e}")))?;
-    drop(out);
+        .map_err(|e| write_err("fsync", e))?;
+    Ok(raw)
+}
 
-    let stored_sha = hex::encode(stored_hash.lock().expect("hash lock").clone().finalize());
-    let stored_n = *stored_len.lock().expect("len lock");
+/// The stored object and the decompressed snapshot must both match the manifest's sizes
+/// and sha256.
+fn check_digests(
+    m: &Manifest,
+    object: &str,
+    stored: Counted,
+    raw: Counted,
+) -> Result<(), RestoreError> {
     let corrupt = |detail: String| RestoreError::Corrupt {
         id: m.id.to_string(),
         detail,
     };
-    if stored_n != m.stored_size || stored_sha != m.stored_sha256 {
+    let stored_sha = hex::encode(stored.hash.finalize());
+    if stored.len != m.stored_size || stored_sha != m.stored_sha256 {
         return Err(corrupt(format!(
-            "the stored object {} ({stored_n} bytes, sha256 {stored_sha}) does not match the manifest ({} bytes, sha256 {}): it was modified or damaged in storage",
-            object, m.stored_size, m.stored_sha256
+            "the stored object {object} ({} bytes, sha256 {stored_sha}) does not match the manifest ({} bytes, sha256 {}): it was modified or damaged in storage",
+            stored.len, m.stored_size, m.stored_sha256
         )));
     }
-    let raw_sha = hex::encode(raw_hash.finalize());
-    if raw_len != m.size || raw_sha != m.sha256 {
+    let raw_sha = hex::encode(raw.hash.finalize());
+    if raw.len != m.size || raw_sha != m.sha256 {
         return Err(corrupt(format!(
-            "the decompressed snapshot ({raw_len} bytes, sha256 {raw_sha}) does not match the manifest ({} bytes, sha256 {})",
-            m.size, m.sha256
+            "the decompressed snapshot ({} bytes, sha256 {raw_sha}) does not match the manifest ({} bytes, sha256 {})",
+            raw.len, m.size, m.sha256
         )));
     }
-    let p = part.clone();
+    Ok(())
+}
+
+/// Runs the verifier over the written file; its revision and hash must be the manifest's.
+async fn verify_part(m: &Manifest, part: &Path) -> Result<VerifyReport, RestoreError> {
+    let corrupt = |detail: String| RestoreError::Corrupt {
+        id: m.id.to_string(),
+        detail,
+    };
+    let p = part.to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
         verify::verify_file(
             &p,
@@ -317,16 +394,7 @@ pub async fn fetch_to_file(
             report.revision, report.hash, m.revision, m.verification.hash
         )));
     }
-    // Publish without overwriting: a hard link fails if `dest` appeared meanwhile.
-    std::fs::hard_link(&part, dest).map_err(|e| {
-        file_err(if e.kind() == ErrorKind::AlreadyExists {
-            "appeared while restoring; restore never overwrites a file".into()
-        } else {
-            format!("cannot create: {e}")
-        })
-    })?;
-    drop(guard);
-    Ok(FetchReport { verify: report })
+    Ok(report)
 }
 
 /// Removes the partial file on every way out.
