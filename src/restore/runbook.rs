@@ -111,7 +111,6 @@ pub fn members(m: &Manifest, endpoints: &[String]) -> (Vec<RunbookMember>, Optio
 pub fn render(input: &RunbookInput) -> String {
     let m = input.backup;
     let (members, note) = members(m, input.endpoints);
-    let n = members.len();
     let file = input.snapshot;
     let initial_cluster = members
         .iter()
@@ -130,7 +129,22 @@ pub fn render(input: &RunbookInput) -> String {
     }
     .join(",");
     let mut o = String::new();
-    let w = &mut o;
+    write_header(&mut o, input, &members, note.as_deref());
+    write_stop_steps(&mut o, file, &m.sha256);
+    write_restore_step(&mut o, input, &members, &initial_cluster, &token);
+    write_start_steps(&mut o, input, &status_endpoints);
+    o
+}
+
+/// Which backup, which members, and how to read what follows.
+fn write_header(
+    w: &mut String,
+    input: &RunbookInput,
+    members: &[RunbookMember],
+    note: Option<&str>,
+) {
+    let m = input.backup;
+    let n = members.len();
     let _ = writeln!(
         w,
         "=== Disaster recovery of a kubeadm control plane: {n} etcd member{} from backup {} ===",
@@ -146,7 +160,7 @@ pub fn render(input: &RunbookInput) -> String {
         m.sha256
     );
     let _ = writeln!(w, "Members (from the backup's manifest):");
-    for x in &members {
+    for x in members {
         let _ = writeln!(
             w,
             "  {:<20} peer {}{}",
@@ -158,7 +172,7 @@ pub fn render(input: &RunbookInput) -> String {
                 .unwrap_or_default()
         );
     }
-    if let Some(note) = &note {
+    if let Some(note) = note {
         let _ = writeln!(w, "NOTE: {note}");
     }
     let _ = writeln!(
@@ -166,11 +180,15 @@ pub fn render(input: &RunbookInput) -> String {
         "Run every step as root, on EVERY control-plane node, before going on to the next step."
     );
     let _ = writeln!(w);
+}
+
+/// Steps 1–3: the file on every node, the API server and etcd stopped, the old data kept.
+fn write_stop_steps(w: &mut String, file: &str, sha256: &str) {
     let _ = writeln!(
         w,
         "1. Copy {file} to the same path on every control-plane node and check it there:"
     );
-    let _ = writeln!(w, "     sha256sum {file}    # must print {}", m.sha256);
+    let _ = writeln!(w, "     sha256sum {file}    # must print {sha256}");
     let _ = writeln!(w);
     let _ = writeln!(
         w,
@@ -196,6 +214,17 @@ pub fn render(input: &RunbookInput) -> String {
     );
     let _ = writeln!(w, "     mv /var/lib/etcd /var/lib/etcd.before-restore");
     let _ = writeln!(w);
+}
+
+/// Step 4: one `etcdutl snapshot restore` per member.
+fn write_restore_step(
+    w: &mut String,
+    input: &RunbookInput,
+    members: &[RunbookMember],
+    initial_cluster: &str,
+    token: &str,
+) {
+    let file = input.snapshot;
     let _ = writeln!(
         w,
         "4. Restore each member's data directory from the same file, with its own name and peer URL:"
@@ -210,7 +239,7 @@ pub fn render(input: &RunbookInput) -> String {
             _ => String::new(),
         }
     );
-    for x in &members {
+    for x in members {
         let _ = writeln!(w, "   on {}:", x.name);
         let _ = writeln!(w, "     etcdutl snapshot restore {file} \\");
         let _ = writeln!(w, "       --data-dir /var/lib/etcd \\");
@@ -235,6 +264,11 @@ pub fn render(input: &RunbookInput) -> String {
         }
     }
     let _ = writeln!(w);
+}
+
+/// Steps 5–9 and the way back: etcd, the check, the API server, the caches, a new backup.
+fn write_start_steps(w: &mut String, input: &RunbookInput, status_endpoints: &str) {
+    let m = input.backup;
     let _ = writeln!(
         w,
         "5. Start etcd on every node, one right after the other (a member waits for a quorum):"
@@ -286,7 +320,6 @@ pub fn render(input: &RunbookInput) -> String {
         w,
         "Way back, if etcd does not come up: repeat step 2, then on every node `rm -rf /var/lib/etcd && mv /var/lib/etcd.before-restore /var/lib/etcd`, then steps 5 and 7."
     );
-    o
 }
 
 #[cfg(test)]
