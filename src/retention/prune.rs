@@ -23,7 +23,9 @@
 //! prune: nothing is decided from part of a directory.
 
 use crate::retention::RetentionPolicy;
-use crate::retention::{self, Action, BackupSummary, Decision, DeleteReason, KeepReason};
+use crate::retention::{
+    self, Action, BackupSummary, Decision, DeleteReason, KeepReason, PrunePlan,
+};
 use crate::store::manifest::printable;
 use crate::store::naming::{BackupId, Layout};
 use crate::store::{BackupStore, Listing, PendingUpload, StoreError};
@@ -206,135 +208,21 @@ impl Plan {
 
 /// Decides every action of a prune, and why. Pure.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let PlanInput {
-        listing,
-        layout,
-        now,
-        policy,
-        cluster_id,
-        ..
-    } = *input;
-    let mut foreign_backups = 0;
-    let mut future_backups = 0;
-    let mut in_scope = Vec::new();
-    let mut set_aside: Vec<Decision> = Vec::new();
-    for m in &listing.backups {
-        if m.cluster_id != cluster_id {
-            foreign_backups += 1;
-            set_aside.push(Decision {
-                id: m.id.to_string(),
-                time: m.time,
-                action: Action::Keep(vec![KeepReason::Foreign {
-                    cluster_id: m.cluster_id.clone(),
-                }]),
-            });
-        } else if m.is_future(now) {
-            future_backups += 1;
-            set_aside.push(Decision {
-                id: m.id.to_string(),
-                time: m.time,
-                action: Action::Keep(vec![KeepReason::Future]),
-            });
-        } else {
-            in_scope.push(BackupSummary {
-                id: m.id.to_string(),
-                time: m.time,
-                revision: m.revision,
-            });
-        }
-    }
-    let policy_plan = retention::plan(&in_scope, now, policy);
-
-    let mut steps = Vec::new();
-    // Backups, oldest first (the policy's decisions are newest first).
-    for d in policy_plan.decisions.iter().rev() {
-        let Action::Delete(reason) = &d.action else {
-            continue;
-        };
-        let Ok(id) = d.id.parse::<BackupId>() else {
-            continue;
-        };
-        let data_keys = listing
-            .data_objects
-            .get(&id)
-            .map(|v| v.iter().map(|o| o.key.clone()).collect())
-            .unwrap_or_default();
-        steps.push(Step::DeleteBackup {
-            manifest_key: layout.manifest_key(&id),
-            id,
-            time: d.time,
-            reason: reason.clone(),
-            data_keys,
-        });
-    }
-
+    let listing = input.listing;
+    let scope = Scope::of(input);
+    let policy_plan = retention::plan(&scope.in_scope, input.now, input.policy);
+    let mut steps = backup_steps(input, &policy_plan);
     let mut left_alone = Vec::new();
-    let cutoff = chrono::Duration::from_std(input.orphan_age)
-        .ok()
-        .and_then(|a| now.checked_sub_signed(a));
-    let old_enough = |t: DateTime<Utc>| cutoff.is_some_and(|c| t < c);
-    let mut others = Vec::new();
-    for (key, reason) in &listing.unreadable {
-        left_alone.push(LeftAlone {
-            key: key.clone(),
-            reason: format!("unreadable manifest ({reason}); its backup directory is kept"),
-        });
-    }
-    for (id, objects) in &listing.data_objects {
-        if listing.manifest_ids.contains(id) {
-            continue;
-        }
-        for o in objects {
-            if old_enough(id.time()) {
-                others.push(Step::RemoveOrphan { key: o.key.clone() });
-            } else {
-                left_alone.push(LeftAlone {
-                    key: o.key.clone(),
-                    reason: "data object without a manifest, too young to be an orphan (a cycle may still be committing it)".into(),
-                });
-            }
-        }
-    }
-    for (m, key) in &listing.dangling {
-        let why = if m.cluster_id != cluster_id {
-            Some("manifest without data of another cluster")
-        } else if !old_enough(m.id.time()) {
-            Some("manifest without data, too young to remove")
-        } else {
-            None
-        };
-        match (why, layout.data_key_for(&m.id, &m.object)) {
-            (None, Some(data_key)) => others.push(Step::RemoveDangling {
-                key: key.clone(),
-                data_key,
-            }),
-            (why, _) => left_alone.push(LeftAlone {
-                key: key.clone(),
-                reason: why.unwrap_or("manifest names no data object").into(),
-            }),
-        }
-    }
+    let mut others = leftover_steps(input, &mut left_alone);
     let mut warnings = Vec::new();
     match &input.uploads {
-        Ok(uploads) => {
-            for up in *uploads {
-                if now
-                    .checked_sub_signed(STALE_UPLOAD_AGE)
-                    .is_some_and(|c| up.initiated < c)
-                {
-                    others.push(Step::AbortUpload {
-                        key: up.key.clone(),
-                        upload_id: up.upload_id.clone(),
-                        initiated: up.initiated,
-                    });
-                }
-            }
-        }
+        Ok(uploads) => others.extend(upload_steps(uploads, input.now)),
         Err(e) => warnings.push(format!(
             "cannot list incomplete multipart uploads ({e}); retried at the next prune"
         )),
     }
-    let budget = (policy.max_delete_per_run as usize).saturating_sub(steps.len());
+    // Every deletion counts toward the limit: backups first, then what is left over.
+    let budget = (input.policy.max_delete_per_run as usize).saturating_sub(steps.len());
     let deferred = if others.len() > budget {
         others.split_off(budget)
     } else {
@@ -343,7 +231,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     steps.extend(others);
 
     let mut decisions = policy_plan.decisions;
-    decisions.extend(set_aside);
+    decisions.extend(scope.set_aside);
     let order: std::collections::HashMap<String, usize> = listing
         .backups
         .iter()
@@ -357,10 +245,149 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         deferred,
         left_alone,
         warnings,
-        foreign_backups,
-        future_backups,
+        foreign_backups: scope.foreign,
+        future_backups: scope.future,
         foreign_objects: listing.foreign,
     }
+}
+
+/// The committed backups the policy decides on (this cluster's, not dated in the future),
+/// and the others, kept with their reason.
+struct Scope {
+    in_scope: Vec<BackupSummary>,
+    set_aside: Vec<Decision>,
+    foreign: usize,
+    future: usize,
+}
+
+impl Scope {
+    fn of(input: &PlanInput<'_>) -> Scope {
+        let mut scope = Scope {
+            in_scope: Vec::new(),
+            set_aside: Vec::new(),
+            foreign: 0,
+            future: 0,
+        };
+        for m in &input.listing.backups {
+            let keep = |reason| Decision {
+                id: m.id.to_string(),
+                time: m.time,
+                action: Action::Keep(vec![reason]),
+            };
+            if m.cluster_id != input.cluster_id {
+                scope.foreign += 1;
+                scope.set_aside.push(keep(KeepReason::Foreign {
+                    cluster_id: m.cluster_id.clone(),
+                }));
+            } else if m.is_future(input.now) {
+                scope.future += 1;
+                scope.set_aside.push(keep(KeepReason::Future));
+            } else {
+                scope.in_scope.push(BackupSummary {
+                    id: m.id.to_string(),
+                    time: m.time,
+                    revision: m.revision,
+                });
+            }
+        }
+        scope
+    }
+}
+
+/// The backups the policy deletes, oldest first (its decisions are newest first): the
+/// manifest, then the data.
+fn backup_steps(input: &PlanInput<'_>, policy_plan: &PrunePlan) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for d in policy_plan.decisions.iter().rev() {
+        let Action::Delete(reason) = &d.action else {
+            continue;
+        };
+        let Ok(id) = d.id.parse::<BackupId>() else {
+            continue;
+        };
+        let data_keys = input
+            .listing
+            .data_objects
+            .get(&id)
+            .map(|v| v.iter().map(|o| o.key.clone()).collect())
+            .unwrap_or_default();
+        steps.push(Step::DeleteBackup {
+            manifest_key: input.layout.manifest_key(&id),
+            id,
+            time: d.time,
+            reason: reason.clone(),
+            data_keys,
+        });
+    }
+    steps
+}
+
+/// Orphaned data objects and manifests without data old enough to be removed; what is
+/// not is recorded in `left_alone` with why.
+fn leftover_steps(input: &PlanInput<'_>, left_alone: &mut Vec<LeftAlone>) -> Vec<Step> {
+    let (listing, now) = (input.listing, input.now);
+    let cutoff = chrono::Duration::from_std(input.orphan_age)
+        .ok()
+        .and_then(|a| now.checked_sub_signed(a));
+    let old_enough = |t: DateTime<Utc>| cutoff.is_some_and(|c| t < c);
+    let mut steps = Vec::new();
+    for (key, reason) in &listing.unreadable {
+        left_alone.push(LeftAlone {
+            key: key.clone(),
+            reason: format!("unreadable manifest ({reason}); its backup directory is kept"),
+        });
+    }
+    for (id, objects) in &listing.data_objects {
+        if listing.manifest_ids.contains(id) {
+            continue;
+        }
+        for o in objects {
+            if old_enough(id.time()) {
+                steps.push(Step::RemoveOrphan { key: o.key.clone() });
+            } else {
+                left_alone.push(LeftAlone {
+                    key: o.key.clone(),
+                    reason: "data object without a manifest, too young to be an orphan (a cycle may still be committing it)".into(),
+                });
+            }
+        }
+    }
+    for (m, key) in &listing.dangling {
+        let why = if m.cluster_id != input.cluster_id {
+            Some("manifest without data of another cluster")
+        } else if !old_enough(m.id.time()) {
+            Some("manifest without data, too young to remove")
+        } else {
+            None
+        };
+        match (why, input.layout.data_key_for(&m.id, &m.object)) {
+            (None, Some(data_key)) => steps.push(Step::RemoveDangling {
+                key: key.clone(),
+                data_key,
+            }),
+            (why, _) => left_alone.push(LeftAlone {
+                key: key.clone(),
+                reason: why.unwrap_or("manifest names no data object").into(),
+            }),
+        }
+    }
+    steps
+}
+
+/// Incomplete multipart uploads older than [`STALE_UPLOAD_AGE`]: left over from a crash.
+fn upload_steps(uploads: &[PendingUpload], now: DateTime<Utc>) -> Vec<Step> {
+    uploads
+        .iter()
+        .filter(|up| {
+            now.checked_sub_signed(STALE_UPLOAD_AGE)
+                .is_some_and(|c| up.initiated < c)
+        })
+        .map(|up| Step::AbortUpload {
+            key: up.key.clone(),
+            upload_id: up.upload_id.clone(),
+            initiated: up.initiated,
+        })
+        .collect()
 }
 
 /// What running a plan did.
