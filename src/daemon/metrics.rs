@@ -31,19 +31,24 @@ pub struct ResultLabels {
     pub result: Outcome,
 }
 
-/// Stage label values.
+/// Stage label values: the stages of a cycle, and pruning.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum StageValue {
-    /// Connect, status and streaming the snapshot.
-    Snapshot,
-    /// The verifier.
-    Verify,
-    /// Compressing and uploading.
-    Upload,
-    /// Writing the manifest.
-    Commit,
+    /// A stage of the backup cycle.
+    Cycle(Stage),
     /// Retention.
     Prune,
+}
+
+impl StageValue {
+    /// Every value, in the order the stages run (series are created at zero for each).
+    pub const ALL: [StageValue; 5] = [
+        StageValue::Cycle(Stage::Snapshot),
+        StageValue::Cycle(Stage::Verify),
+        StageValue::Cycle(Stage::Upload),
+        StageValue::Cycle(Stage::Commit),
+        StageValue::Prune,
+    ];
 }
 
 impl EncodeLabelValue for Outcome {
@@ -58,10 +63,7 @@ impl EncodeLabelValue for Outcome {
 impl EncodeLabelValue for StageValue {
     fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         e.write_str(match self {
-            StageValue::Snapshot => "snapshot",
-            StageValue::Verify => "verify",
-            StageValue::Upload => "upload",
-            StageValue::Commit => "commit",
+            StageValue::Cycle(s) => s.as_str(),
             StageValue::Prune => "prune",
         })
     }
@@ -69,12 +71,7 @@ impl EncodeLabelValue for StageValue {
 
 impl From<Stage> for StageValue {
     fn from(s: Stage) -> Self {
-        match s {
-            Stage::Snapshot => StageValue::Snapshot,
-            Stage::Verify => StageValue::Verify,
-            Stage::Upload => StageValue::Upload,
-            Stage::Commit => StageValue::Commit,
-        }
+        StageValue::Cycle(s)
     }
 }
 
@@ -316,13 +313,7 @@ impl Metrics {
             let _ = m.config_reloads.get_or_create(&l);
             let _ = m.restore_drills.get_or_create(&l);
         }
-        for stage in [
-            StageValue::Snapshot,
-            StageValue::Verify,
-            StageValue::Upload,
-            StageValue::Commit,
-            StageValue::Prune,
-        ] {
+        for stage in StageValue::ALL {
             let l = StageLabels { stage };
             let _ = m.failures.get_or_create(&l);
             let _ = m.stage_duration.get_or_create(&l);
@@ -350,13 +341,15 @@ impl Metrics {
                     .inc();
                 let t = &rep.times;
                 for (stage, d) in [
-                    (StageValue::Snapshot, t.snapshot),
-                    (StageValue::Verify, t.verify),
-                    (StageValue::Upload, t.upload),
-                    (StageValue::Commit, t.commit),
+                    (Stage::Snapshot, t.snapshot),
+                    (Stage::Verify, t.verify),
+                    (Stage::Upload, t.upload),
+                    (Stage::Commit, t.commit),
                 ] {
                     self.stage_duration
-                        .get_or_create(&StageLabels { stage })
+                        .get_or_create(&StageLabels {
+                            stage: stage.into(),
+                        })
                         .observe(d.as_secs_f64());
                 }
                 self.snapshot_size.set(rep.manifest.size as i64);
