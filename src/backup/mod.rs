@@ -23,7 +23,9 @@ use crate::config::Config;
 use crate::error::{CycleError, CycleErrorKind, Stage};
 use crate::etcd::election::Term;
 use crate::etcd::MemberStatus;
-use crate::store::manifest::{Encryption, Manifest, Verification, FORMAT_VERSION};
+use crate::store::manifest::{
+    Encryption, EncryptionMethod, Manifest, Verification, FORMAT_VERSION,
+};
 use crate::store::naming::BackupId;
 use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
@@ -254,8 +256,7 @@ async fn snapshot(
             ))
         })?;
 
-    let recipients = crate::codec::crypt::parse_recipients(&cfg.encryption.recipients)
-        .map_err(|e| snap_err(&format!("[encryption] recipients: {e}")))?;
+    let recipients = cfg.encryption.recipients.keys().to_vec();
     let suffix = format!(
         "{}{}",
         cfg.backup.compression.suffix(),
@@ -492,8 +493,8 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
         slot: input.slot,
         fencing_token: input.term.map(Term::token),
         encryption: cfg.encryption.enabled().then(|| Encryption {
-            method: crate::codec::crypt::METHOD_AGE.to_string(),
-            recipients: cfg.encryption.recipients.clone(),
+            method: EncryptionMethod::Age,
+            recipients: cfg.encryption.recipients.texts().to_vec(),
         }),
         members: status
             .members

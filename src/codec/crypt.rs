@@ -37,6 +37,55 @@ pub fn parse_recipients(texts: &[String]) -> Result<Vec<age::x25519::Recipient>,
     texts.iter().map(|t| parse_recipient(t)).collect()
 }
 
+/// The recipients backups are encrypted to, parsed once when the configuration is loaded:
+/// their public keys as written (for manifests and messages) and as keys (for the
+/// encryptor). Never holds a secret.
+#[derive(Clone, Default)]
+pub struct Recipients {
+    texts: Vec<String>,
+    keys: Vec<age::x25519::Recipient>,
+}
+
+impl Recipients {
+    /// Parses `texts`, sorted and without duplicates.
+    ///
+    /// # Errors
+    /// The first that does not parse.
+    pub fn parse(mut texts: Vec<String>) -> Result<Recipients, String> {
+        texts.sort();
+        texts.dedup();
+        let keys = parse_recipients(&texts)?;
+        Ok(Recipients { texts, keys })
+    }
+
+    /// The public keys as written (`age1…`).
+    pub fn texts(&self) -> &[String] {
+        &self.texts
+    }
+
+    /// The parsed keys.
+    pub fn keys(&self) -> &[age::x25519::Recipient] {
+        &self.keys
+    }
+
+    /// Whether there are none (encryption off).
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Recipients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.texts).finish()
+    }
+}
+
+impl serde::Serialize for Recipients {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.texts.serialize(s)
+    }
+}
+
 /// Reads a recipients file: one `age1…` per line; blank lines and `#` comments are skipped.
 ///
 /// # Errors

@@ -204,7 +204,7 @@ pub enum Sse {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EncryptionConfig {
     /// age recipients (`age1…`): every backup is encrypted to all of them. Empty: off.
-    pub recipients: Vec<String>,
+    pub recipients: crate::codec::crypt::Recipients,
     /// Where some of them came from.
     pub recipients_file: Option<PathBuf>,
     /// Identity file to decrypt with (verify, restore, drills).
@@ -1109,8 +1109,8 @@ impl Config {
                 p.push("encryption.recipients", e);
             }
         }
-        recipients.sort();
-        recipients.dedup();
+        // Every one that does not parse is reported above; the set is then empty.
+        let recipients = crate::codec::crypt::Recipients::parse(recipients).unwrap_or_default();
         let identity_file = r.identity_file.map(PathBuf::from);
         if let Some(f) = &identity_file {
             if !f.is_absolute() {

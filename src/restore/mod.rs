@@ -184,9 +184,9 @@ fn check_identities(m: &Manifest, identities: Option<&Identities>) -> Result<(),
             enc.recipients.join(", ")
         )));
     };
-    if enc.method != crate::codec::crypt::METHOD_AGE {
+    if enc.method != crate::store::manifest::EncryptionMethod::Age {
         return Err(locked(format!(
-            "it is encrypted with {:?}, which this version cannot decrypt",
+            "it is encrypted with {:?}, which this version cannot decrypt; use a newer etcd-backup",
             enc.method
         )));
     }

@@ -131,10 +131,46 @@ pub struct ClusterMember {
 /// (never a secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Encryption {
-    /// `age`.
-    pub method: String,
+    /// How it is encrypted.
+    pub method: EncryptionMethod,
     /// The age recipients (`age1…`); any one of their identities decrypts the backup.
     pub recipients: Vec<String>,
+}
+
+/// An encryption method as manifests name it. A name this version does not know (from a
+/// newer version) still reads, so that the backup can be listed and the error can name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum EncryptionMethod {
+    /// age, X25519 recipients (`age`).
+    Age,
+    /// Any other name.
+    Unknown(String),
+}
+
+impl From<String> for EncryptionMethod {
+    fn from(s: String) -> Self {
+        if s == "age" {
+            EncryptionMethod::Age
+        } else {
+            EncryptionMethod::Unknown(s)
+        }
+    }
+}
+
+impl From<EncryptionMethod> for String {
+    fn from(m: EncryptionMethod) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for EncryptionMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncryptionMethod::Age => f.write_str("age"),
+            EncryptionMethod::Unknown(s) => f.write_str(s),
+        }
+    }
 }
 
 /// What the verifier found in the snapshot before it was committed.
