@@ -15,8 +15,9 @@ fn spawn_daemon(config: &Path, log: &Path, env: &[(&str, String)]) -> Child {
     cmd.args(["run", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") || k == "NOTIFY_SOCKET" {
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if name.starts_with("ETCD_BACKUP_") || name.starts_with("AWS_") || name == "NOTIFY_SOCKET" {
             cmd.env_remove(k);
         }
     }
@@ -135,6 +136,24 @@ fn notify_protocol_reload_and_stop() {
     );
 
     // SIGHUP with a broken file: rejected, the old configuration stays, the daemon works on.
+    // First a TOML syntax error on a line holding a secret: the journal line names the
+    // place, never the text.
+    std::fs::write(
+        &config,
+        "[etcd]\nusername = \"b\"\npassword = \"s3cr3tPW\\qcd\"\n",
+    )
+    .unwrap();
+    got.clear();
+    signal(&child, "HUP");
+    read_until(&sock, &mut got, "READY=1", Duration::from_secs(10));
+    support::wait_until("the rejected reload", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("etcd.password: TOML syntax error")
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("s3cr3tPW"), "the secret is logged: {text}");
+    assert!(text.contains(":3:"), "the line is named: {text}");
     std::fs::write(&config, "[schedule]\ncron = \"not a schedule\"\n").unwrap();
     got.clear();
     signal(&child, "HUP");
@@ -170,6 +189,25 @@ fn notify_protocol_reload_and_stop() {
         status.success(),
         "{}",
         std::fs::read_to_string(&log).unwrap()
+    );
+}
+
+#[test]
+fn check_config_never_echoes_a_secret_on_a_line_with_a_syntax_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nurl = \"file:///var/b\"\n[etcd]\nusername = \"b\"\npassword = \"s3cr3tPW\\qcd\"\n",
+    )
+    .unwrap();
+    let out = support::etcd_backup(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    let text = support::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("s3cr3tPW"), "the secret is printed: {text}");
+    assert!(
+        text.contains("etcd.password") && text.contains(":5:") && text.contains("escape"),
+        "file, line, column, key and kind: {text}"
     );
 }
 
