@@ -193,9 +193,9 @@ impl Scheduler {
                     }
                 }
             } else {
-                let recheck_due = self.unavailable_at.is_none_or(|t| {
-                    (now - t).to_std().unwrap_or_default() >= CATCH_UP_RECHECK
-                });
+                let recheck_due = self
+                    .unavailable_at
+                    .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= CATCH_UP_RECHECK);
                 if recheck_due {
                     return Action::CheckStore;
                 }
@@ -293,6 +293,11 @@ mod tests {
     /// A scheduler started at 05:30 whose first catch-up check found the 05:00 backup.
     fn settled(role: Role) -> Scheduler {
         let mut s = Scheduler::new(hourly(), Some(Duration::from_secs(600)), t(5, 30, 0));
+        if role == Role::Follower {
+            // A follower does not catch up: the leader does.
+            assert_eq!(s.next(t(5, 30, 0), role, None), Action::Wait(MAX_SLEEP));
+            return s;
+        }
         assert_eq!(s.next(t(5, 30, 0), role, None), Action::CheckStore);
         let a = s.next(t(5, 30, 0), role, Some(Newest(Some(t(5, 0, 0)))));
         assert_eq!(a, Action::Wait(MAX_SLEEP));
@@ -302,34 +307,58 @@ mod tests {
     #[test]
     fn slots_run_on_time_and_waits_are_capped() {
         let mut s = settled(Role::Solo);
-        assert_eq!(s.next(t(5, 59, 30), Role::Solo, None), Action::Wait(Duration::from_secs(30)));
-        assert_eq!(s.next(t(6, 0, 0), Role::Solo, None), run(t(6, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(5, 59, 30), Role::Solo, None),
+            Action::Wait(Duration::from_secs(30))
+        );
+        assert_eq!(
+            s.next(t(6, 0, 0), Role::Solo, None),
+            run(t(6, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(6, 0, 0), Outcome::Committed, t(6, 0, 20));
         assert_eq!(s.next_slot(), Some(t(7, 0, 0)));
-        assert_eq!(s.next(t(6, 0, 20), Role::Solo, None), Action::Wait(MAX_SLEEP));
+        assert_eq!(
+            s.next(t(6, 0, 20), Role::Solo, None),
+            Action::Wait(MAX_SLEEP)
+        );
         // Up to a minute late (a busy host) still runs as scheduled.
-        assert_eq!(s.next(t(7, 0, 59), Role::Solo, None), run(t(7, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(7, 0, 59), Role::Solo, None),
+            run(t(7, 0, 0), Reason::Scheduled)
+        );
     }
 
     #[test]
     fn a_failed_slot_is_retried_once_before_the_next() {
         let mut s = settled(Role::Leader(7));
-        assert_eq!(s.next(t(6, 0, 0), Role::Leader(7), None), run(t(6, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(6, 0, 0), Role::Leader(7), None),
+            run(t(6, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(6, 0, 0), Outcome::Failed, t(6, 1, 0));
         assert_eq!(s.planned_retry(), Some((t(6, 11, 0), t(6, 0, 0))));
         assert_eq!(
-            s.next(t(6, 5, 0), Role::Leader(7), None),
-            Action::Wait(Duration::from_secs(360))
+            s.next(t(6, 10, 30), Role::Leader(7), None),
+            Action::Wait(Duration::from_secs(30))
         );
-        assert_eq!(s.next(t(6, 11, 0), Role::Leader(7), None), run(t(6, 0, 0), Reason::Retry));
+        assert_eq!(
+            s.next(t(6, 11, 0), Role::Leader(7), None),
+            run(t(6, 0, 0), Reason::Retry)
+        );
         s.finished(t(6, 0, 0), Outcome::Failed, t(6, 12, 0));
         assert_eq!(s.planned_retry(), None, "one retry per slot");
         // A retry that would land after the next slot is not planned.
-        assert_eq!(s.next(t(7, 0, 0), Role::Leader(7), None), run(t(7, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(7, 0, 0), Role::Leader(7), None),
+            run(t(7, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(7, 0, 0), Outcome::Failed, t(7, 55, 0));
         assert_eq!(s.planned_retry(), None);
         // Aborted (fenced, shutdown) cycles are not retried here.
-        assert_eq!(s.next(t(8, 0, 0), Role::Leader(7), None), run(t(8, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(8, 0, 0), Role::Leader(7), None),
+            run(t(8, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(8, 0, 0), Outcome::Aborted, t(8, 1, 0));
         assert_eq!(s.planned_retry(), None);
     }
@@ -337,30 +366,55 @@ mod tests {
     #[test]
     fn losing_the_lead_drops_the_retry_and_followers_let_slots_pass() {
         let mut s = settled(Role::Leader(7));
-        assert_eq!(s.next(t(6, 0, 0), Role::Leader(7), None), run(t(6, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(6, 0, 0), Role::Leader(7), None),
+            run(t(6, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(6, 0, 0), Outcome::Failed, t(6, 1, 0));
-        assert!(matches!(s.next(t(6, 2, 0), Role::Follower, None), Action::Wait(_)));
+        assert!(matches!(
+            s.next(t(6, 2, 0), Role::Follower, None),
+            Action::Wait(_)
+        ));
         assert_eq!(s.planned_retry(), None);
-        assert!(matches!(s.next(t(7, 0, 0), Role::Follower, None), Action::Wait(_)));
-        assert_eq!(s.next_slot(), Some(t(8, 0, 0)), "the follower let 07:00 pass");
+        assert!(matches!(
+            s.next(t(7, 0, 0), Role::Follower, None),
+            Action::Wait(_)
+        ));
+        assert_eq!(
+            s.next_slot(),
+            Some(t(8, 0, 0)),
+            "the follower let 07:00 pass"
+        );
     }
 
     #[test]
     fn a_new_term_catches_up_the_slot_nobody_took() {
         let mut s = settled(Role::Follower);
         // 06:00 passes while this node follows (the leader died at 05:59).
-        assert!(matches!(s.next(t(6, 0, 0), Role::Follower, None), Action::Wait(_)));
+        assert!(matches!(
+            s.next(t(6, 0, 0), Role::Follower, None),
+            Action::Wait(_)
+        ));
         // It wins a term at 06:00:40: the store has nothing for 06:00, so it runs it once.
-        assert_eq!(s.next(t(6, 0, 40), Role::Leader(9), None), Action::CheckStore);
+        assert_eq!(
+            s.next(t(6, 0, 40), Role::Leader(9), None),
+            Action::CheckStore
+        );
         assert_eq!(
             s.next(t(6, 0, 41), Role::Leader(9), Some(Newest(Some(t(5, 0, 0))))),
             run(t(6, 0, 0), Reason::CatchUp)
         );
         s.finished(t(6, 0, 0), Outcome::Committed, t(6, 1, 0));
         // The same term: no second catch-up.
-        assert!(matches!(s.next(t(6, 2, 0), Role::Leader(9), None), Action::Wait(_)));
+        assert!(matches!(
+            s.next(t(6, 2, 0), Role::Leader(9), None),
+            Action::Wait(_)
+        ));
         // Another term whose store check shows the slot taken: nothing to catch up.
-        assert_eq!(s.next(t(6, 3, 0), Role::Leader(10), None), Action::CheckStore);
+        assert_eq!(
+            s.next(t(6, 3, 0), Role::Leader(10), None),
+            Action::CheckStore
+        );
         assert!(matches!(
             s.next(t(6, 3, 0), Role::Leader(10), Some(Newest(Some(t(6, 0, 0))))),
             Action::Wait(_)
@@ -372,7 +426,10 @@ mod tests {
         let mut s = Scheduler::new(hourly(), None, t(5, 30, 0));
         assert_eq!(s.next(t(5, 30, 0), Role::Solo, None), Action::CheckStore);
         s.store_unavailable(t(5, 30, 0));
-        assert_eq!(s.next(t(5, 30, 1), Role::Solo, None), Action::Wait(CATCH_UP_RECHECK));
+        assert_eq!(
+            s.next(t(5, 30, 1), Role::Solo, None),
+            Action::Wait(CATCH_UP_RECHECK)
+        );
         assert_eq!(s.next(t(5, 30, 10), Role::Solo, None), Action::CheckStore);
         assert_eq!(
             s.next(t(5, 30, 11), Role::Solo, Some(Newest(None))),
@@ -391,7 +448,10 @@ mod tests {
             run(t(6, 0, 0), Reason::CatchUp)
         );
         s.finished(t(6, 0, 0), Outcome::Committed, t(6, 8, 0));
-        assert!(matches!(s.next(t(6, 8, 0), Role::Solo, None), Action::Wait(_)));
+        assert!(matches!(
+            s.next(t(6, 8, 0), Role::Solo, None),
+            Action::Wait(_)
+        ));
         // A clock step forward over several slots: only the last one is run.
         assert_eq!(s.next(t(9, 30, 0), Role::Solo, None), Action::CheckStore);
         assert_eq!(
@@ -405,18 +465,30 @@ mod tests {
     #[test]
     fn a_clock_step_backwards_waits_for_the_next_slot_without_running_twice() {
         let mut s = settled(Role::Solo);
-        assert_eq!(s.next(t(6, 0, 0), Role::Solo, None), run(t(6, 0, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(6, 0, 0), Role::Solo, None),
+            run(t(6, 0, 0), Reason::Scheduled)
+        );
         s.finished(t(6, 0, 0), Outcome::Committed, t(6, 0, 30));
         // The clock steps back to 05:58: the next slot stays 07:00.
-        assert_eq!(s.next(t(5, 58, 0), Role::Solo, None), Action::Wait(MAX_SLEEP));
+        assert_eq!(
+            s.next(t(5, 58, 0), Role::Solo, None),
+            Action::Wait(MAX_SLEEP)
+        );
         assert_eq!(s.next_slot(), Some(t(7, 0, 0)));
     }
 
     #[test]
     fn a_follower_suspended_past_a_slot_does_not_catch_up_until_it_leads() {
         let mut s = settled(Role::Follower);
-        assert!(matches!(s.next(t(6, 7, 0), Role::Follower, None), Action::Wait(_)));
-        assert_eq!(s.next(t(6, 7, 5), Role::Leader(3), None), Action::CheckStore);
+        assert!(matches!(
+            s.next(t(6, 7, 0), Role::Follower, None),
+            Action::Wait(_)
+        ));
+        assert_eq!(
+            s.next(t(6, 7, 5), Role::Leader(3), None),
+            Action::CheckStore
+        );
     }
 
     #[test]
@@ -428,7 +500,10 @@ mod tests {
             t(5, 31, 0),
         );
         assert_eq!(s.next_slot(), Some(t(5, 40, 0)));
-        assert_eq!(s.next(t(5, 40, 0), Role::Solo, None), run(t(5, 40, 0), Reason::Scheduled));
+        assert_eq!(
+            s.next(t(5, 40, 0), Role::Solo, None),
+            run(t(5, 40, 0), Reason::Scheduled)
+        );
     }
 
     #[test]
