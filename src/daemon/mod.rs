@@ -706,6 +706,7 @@ async fn prune_after_cycle(state: &State, metrics: &Metrics, term: Option<&Term>
             }
             tracing::info!(
                 stage = "prune",
+                duration_ms = started.elapsed().as_millis() as u64,
                 deleted = o.deleted.len(),
                 orphans_removed = o.orphans_removed.len(),
                 failed = o.failed.len(),

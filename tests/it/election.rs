@@ -526,3 +526,55 @@ fn a_failed_fencing_check_ends_the_session_and_backups_go_on() {
     let log = s.log(0);
     assert!(log.contains("the leadership term ended"), "{log}");
 }
+
+/// SIGHUP with a new `cluster_name` moves the election: the node leaves the old election
+/// (no key left under it) and leads the new one, which `status` for the new name shows.
+#[test]
+fn a_reload_with_a_new_cluster_name_moves_the_election() {
+    let _g = serial();
+    let s = Shared::start(1, 10, "0 0 1 1 *");
+    support::wait_until(
+        &format!("a leader\n{}", s.logs()),
+        Duration::from_secs(40),
+        || s.leaders() == vec![0],
+    );
+    let keys = |name: &str| {
+        let out = s.cluster.etcdctl(
+            0,
+            &[
+                "get",
+                "--prefix",
+                "--keys-only",
+                &format!("/etcd-backup/election/{name}/"),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(!keys("e").is_empty(), "the node campaigns on the old key");
+    let (name, config, port, proc) = &s.nodes[0];
+    s.write_config(config, name, *port, 10, "0 0 1 1 *", "kz2");
+    proc.signal("HUP");
+    let status = || {
+        let out = support::etcd_backup(
+            &["status", "--json", "--config", config.to_str().unwrap()],
+            &[],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    support::wait_until(
+        &format!("the node to lead the election of kz2\n{}", s.logs()),
+        Duration::from_secs(20),
+        || status()["election"]["leader"]["node"] == "node-0",
+    );
+    let st = status();
+    assert_eq!(st["election"]["name"], "/etcd-backup/election/kz2", "{st}");
+    assert_eq!(
+        keys("e"),
+        "",
+        "a key is left in the old election\n{}",
+        s.logs()
+    );
+    assert!(!keys("kz2").is_empty());
+    assert_eq!(s.leaders(), vec![0], "{}", s.logs());
+}
