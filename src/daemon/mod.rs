@@ -462,9 +462,12 @@ impl Daemon {
                 tokio::select! {
                     r = &mut cycle => break r,
                     msg = self.tasks.failure(), if failed_task.is_none() => {
-                        tracing::error!(error = %msg, "aborting the running backup");
-                        failed_task = Some(msg);
-                        cancel.cancel();
+                        // Tasks end on shutdown too (the signal handler first): no failure.
+                        if !cancel.is_cancelled() {
+                            tracing::error!(error = %msg, "aborting the running backup");
+                            failed_task = Some(msg);
+                            cancel.cancel();
+                        }
                     }
                 }
             }

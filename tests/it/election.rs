@@ -409,11 +409,23 @@ fn etcd_stall_across_a_slot_leaves_no_stale_leader() {
     sleep_until(slot - chrono::Duration::milliseconds(500));
     s.cluster.signal(0, "STOP");
     std::thread::sleep(Duration::from_secs(41));
+    // The stall did what it does in the field: every session failed, and so did the
+    // revoke of its lease.
+    for i in 0..2 {
+        let log = s.log(i);
+        assert!(
+            log.contains("not taking part in the election")
+                && log.contains("it is revoked before this node campaigns again"),
+            "node {i} did not lose its session during the stall:\n{}",
+            s.logs()
+        );
+    }
     s.cluster.signal(0, "CONT");
     let resumed = Instant::now();
+    // Within seconds, not after the old lease's TTL (60 s) ran out.
     support::wait_until(
         &format!("a leader after etcd resumed\n{}", s.logs()),
-        Duration::from_secs(20),
+        Duration::from_secs(10),
         || s.leaders().len() == 1,
     );
     eprintln!("a node leads {:?} after etcd resumed", resumed.elapsed());
@@ -427,6 +439,13 @@ fn etcd_stall_across_a_slot_leaves_no_stale_leader() {
         (next - now()).to_std().unwrap_or_default() + Duration::from_secs(30),
     );
     assert_eq!(s.leaders().len(), 1, "{}", s.logs());
+    assert!(
+        (0..2).any(|i| s
+            .log(i)
+            .contains("revoked the lease of the previous session")),
+        "{}",
+        s.logs()
+    );
 }
 
 /// A fencing check that cannot be confirmed (the seam: no time to confirm) ends the
