@@ -409,17 +409,17 @@ fn etcd_stall_across_a_slot_leaves_no_stale_leader() {
     sleep_until(slot - chrono::Duration::milliseconds(500));
     s.cluster.signal(0, "STOP");
     std::thread::sleep(Duration::from_secs(41));
-    // The stall did what it does in the field: every session failed, and so did the
-    // revoke of its lease.
-    for i in 0..2 {
-        let log = s.log(i);
-        assert!(
+    // The stall did what it does in the field: the leader's session failed (its fencing
+    // check in the slot's cycle could not be confirmed), and so did the revoke of its lease.
+    assert!(
+        (0..2).any(|i| {
+            let log = s.log(i);
             log.contains("not taking part in the election")
-                && log.contains("it is revoked before this node campaigns again"),
-            "node {i} did not lose its session during the stall:\n{}",
-            s.logs()
-        );
-    }
+                && log.contains("it is revoked before this node campaigns again")
+        }),
+        "no session ended during the stall:\n{}",
+        s.logs()
+    );
     s.cluster.signal(0, "CONT");
     let resumed = Instant::now();
     // Within seconds, not after the old lease's TTL (60 s) ran out.
