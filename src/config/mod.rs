@@ -733,6 +733,14 @@ impl Config {
                 "the file does not exist; create it (config.example.toml documents every key) or pass --config PATH".to_string(),
             ));
         }
+        // Parse the TOML ourselves first: the parser's own message quotes the offending
+        // source line, which may hold a secret. Ours names file, line, column, key and kind.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("", format!("cannot read the file: {}", io_error_kind(&e))))?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            let (key, message) = syntax_error_report(&text, path, &e);
+            return Err(fail(&key, message));
+        }
         let mut envsrc = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
@@ -1396,10 +1404,97 @@ pub fn parse_storage_url(text: &str) -> Result<StorageUrl, String> {
     }
 }
 
+/// The kind of an I/O error, without the OS's message (which is harmless but may vary).
+fn io_error_kind(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (the daemon's user must be able to read it)".to_string()
+        }
+        std::io::ErrorKind::InvalidData => "it is not valid UTF-8 text".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Where a TOML syntax error is and what kind it is, never the source text itself: the
+/// line may hold a secret (`password = "..."` with a bad escape). Returns the dotted key
+/// of the line (when it has one) and the message.
+fn syntax_error_report(text: &str, path: &Path, e: &toml::de::Error) -> (String, String) {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let key = key_of_line(text, line_start);
+    // The parser's description, without its source excerpt; any quoted text in it is
+    // dropped too, in case a future parser quotes the value.
+    let kind = scrub_quoted(e.message().lines().next().unwrap_or("syntax error").trim());
+    let mut message = format!(
+        "TOML syntax error at {}:{line}:{column}: {kind}",
+        path.display()
+    );
+    if kind.contains("escape") {
+        message.push_str(
+            "; a backslash in a \"basic string\" starts an escape: use a 'literal string' in single quotes, or double the backslash",
+        );
+    }
+    (key, message)
+}
+
+/// The dotted key assigned on the line starting at `line_start` (with its table header),
+/// from the key names only; empty when the line assigns no bare key.
+fn key_of_line(text: &str, line_start: usize) -> String {
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    };
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map_or("", |(k, _)| k.trim());
+    if !bare(key) {
+        return String::new();
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
+        .filter(|t| bare(t));
+    match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    }
+}
+
+/// `msg` with the contents of every double-quoted string replaced by `...`.
+fn scrub_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut inside = false;
+    for c in msg.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("...");
+            }
+            inside = !inside;
+            out.push(c);
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Makes the config crate's messages read well: they quote the file path already, and
-/// "missing field" cannot happen because every raw field is optional.
+/// "missing field" cannot happen because every raw field is optional. A value it quotes
+/// (`invalid type: string "..."`) is dropped: it may be a secret.
 fn clean_config_error(msg: &str, path: &Path) -> String {
     let mut m = msg.to_string();
+    if let Some(i) = m.find("string \"") {
+        let start = i + "string \"".len();
+        if let Some(len) = m[start..].find('"') {
+            m.replace_range(start..start + len, "...");
+        }
+    }
     if !m.contains(&*path.to_string_lossy()) && !m.contains("environment") {
         m = format!("{m} (in {})", path.display());
     }
@@ -1492,6 +1587,38 @@ mod tests {
             c.backup.timeout.saturating_mul(2),
             Duration::from_secs(14 * 86400)
         );
+    }
+
+    #[test]
+    fn syntax_errors_name_place_and_kind_but_never_the_source_text() {
+        let text = "[storage]\nurl = \"file:///var/backups\"\n\n[etcd]\nusername = \"backup\"\npassword = \"s3cr3tPW\\qcd\"\n";
+        let err = load_str(text, &[]).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("s3cr3tPW"), "{shown}");
+        assert!(!shown.contains("qcd"), "{shown}");
+        assert_eq!(err.problems.len(), 1, "{shown}");
+        let p = &err.problems[0];
+        assert_eq!(p.key, "etcd.password", "{shown}");
+        assert!(p.message.contains(":6:"), "line 6: {shown}");
+        assert!(p.message.contains("escape"), "kind: {shown}");
+        // Other syntax errors too: the line is never quoted.
+        let err = load_str("[etcd]\npassword = \"hunter2-secret\nx = 1\n", &[]).unwrap_err();
+        let shown = format!("{err}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains(":2:"), "{shown}");
+    }
+
+    #[test]
+    fn quoted_values_are_scrubbed_from_messages() {
+        assert_eq!(
+            scrub_quoted(r#"invalid "abc" here"#),
+            r#"invalid "..." here"#
+        );
+        let m = clean_config_error(
+            r#"invalid type: string "s3cr3t", expected a boolean for key `x`"#,
+            Path::new("/c.toml"),
+        );
+        assert!(!m.contains("s3cr3t"), "{m}");
     }
 
     #[test]

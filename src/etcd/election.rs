@@ -28,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 /// First wait after a failed session; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to reach etcd.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between attempts to reach etcd. Short: the member is local, one attempt is
+/// cheap, and after an etcd stall some node must lead again within seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Bound on resigning and revoking the lease at shutdown.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -206,6 +207,17 @@ impl Term {
     /// # Errors
     /// [`Fenced`] otherwise; the term is then marked lost.
     pub async fn check(&self, before: &str) -> Result<(), Fenced> {
+        let limit = self.remaining().saturating_sub(self.margin());
+        self.check_within(before, limit).await
+    }
+
+    /// [`Term::check`] with the time etcd has to confirm the key given explicitly: the seam
+    /// through which tests make a check uncertain (a zero limit cannot be met).
+    ///
+    /// # Errors
+    /// See [`Term::check`].
+    #[doc(hidden)]
+    pub async fn check_within(&self, before: &str, limit: Duration) -> Result<(), Fenced> {
         self.check_local(before)?;
         let txn = Txn::new().when([Compare::create_revision(
             self.key.clone(),
@@ -213,28 +225,32 @@ impl Term {
             self.token,
         )]);
         let mut kv = self.member.client().kv_client();
-        let limit = self.remaining().saturating_sub(self.margin());
-        let r = tokio::time::timeout(limit, kv.txn(txn)).await;
+        // No time left to confirm is as uncertain as a timeout.
+        let r = if limit.is_zero() {
+            None
+        } else {
+            tokio::time::timeout(limit, kv.txn(txn)).await.ok()
+        };
         match r {
-            Err(_) => Err(self.fenced(
+            None => Err(self.fenced(
                 before,
                 "etcd did not confirm the election key before the lease could expire",
             )),
-            Ok(Err(e)) => Err(self.fenced(
+            Some(Err(e)) => Err(self.fenced(
                 before,
                 format!(
                     "cannot confirm the election key: {}",
                     self.member.unreachable(&e)
                 ),
             )),
-            Ok(Ok(resp)) if !resp.succeeded() => Err(self.fenced(
+            Some(Ok(resp)) if !resp.succeeded() => Err(self.fenced(
                 before,
                 format!(
                     "the election key no longer has fencing token {} (the lease expired or was revoked)",
                     self.token
                 ),
             )),
-            Ok(Ok(_)) => self.check_local(before),
+            Some(Ok(_)) => self.check_local(before),
         }
     }
 }
@@ -297,9 +313,13 @@ pub async fn run(settings: Settings, role: watch::Sender<Role>, cancel: Cancella
         lease_ttl_s = settings.election.lease_ttl.as_secs(),
         "joining the snapshotter election"
     );
+    // The lease of an earlier session whose revoke failed: it may still hold the election
+    // key (or be renewed by a keep-alive that sat in a socket during a stall), so it is
+    // revoked before this node campaigns again.
+    let mut stale: Option<i64> = None;
     loop {
         let mut joined = false;
-        let r = session(&settings, &role, &cancel, &mut joined).await;
+        let r = session(&settings, &role, &cancel, &mut joined, &mut stale).await;
         if cancel.is_cancelled() {
             role.send_replace(Role::Disconnected(None));
             return;
@@ -307,11 +327,18 @@ pub async fn run(settings: Settings, role: watch::Sender<Role>, cancel: Cancella
         if joined {
             backoff = MIN_BACKOFF;
         }
+        // A stale lease blocks every node: try again at once, not after a long backoff.
+        let wait = if stale.is_some() {
+            MIN_BACKOFF
+        } else {
+            backoff
+        };
         let why = r.err().unwrap_or_else(|| "the session ended".to_string());
         tracing::warn!(
             error = %why,
-            retry_in_s = backoff.as_secs(),
-            "not taking part in the election (no backups from this node until etcd answers again); retrying"
+            retry_in_s = wait.as_secs(),
+            stale_lease = ?stale.map(|l| format!("{l:x}")),
+            "not taking part in the election (no backups from this node until it rejoins); retrying"
         );
         role.send_replace(Role::Disconnected(Some(why)));
         tokio::select! {
@@ -319,25 +346,27 @@ pub async fn run(settings: Settings, role: watch::Sender<Role>, cancel: Cancella
                 role.send_replace(Role::Disconnected(None));
                 return;
             }
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One session: one connection, one lease. Returns `Ok` only on shutdown.
-async fn session(
-    s: &Settings,
-    role: &watch::Sender<Role>,
-    cancel: &CancellationToken,
-    joined: &mut bool,
-) -> Result<(), String> {
-    let member = Arc::new(
-        Member::connect(&s.etcd, &s.endpoint)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
-    let ttl = s.election.lease_ttl;
+/// Grants a lease of `ttl` and opens its keep-alive stream. Returns the lease, its local
+/// deadline and the stream. A lease granted whose stream cannot be opened is left in `stale`.
+async fn open_lease(
+    member: &Member,
+    ttl: Duration,
+    stale: &mut Option<i64>,
+) -> Result<
+    (
+        i64,
+        Instant,
+        etcd_client::LeaseKeeper,
+        etcd_client::LeaseKeepAliveStream,
+    ),
+    String,
+> {
     let mut leases = member.client().lease_client();
     let sent = Instant::now();
     let grant = member
@@ -348,11 +377,61 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     let lease = grant.id();
-    let mut valid_until = sent + Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-    let (mut keeper, mut replies) = member
+    let valid_until = sent + Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+    match member
         .timed("a lease keep-alive", leases.keep_alive(lease))
         .await
-        .map_err(|e| e.to_string())?;
+    {
+        Ok((keeper, replies)) => Ok((lease, valid_until, keeper, replies)),
+        Err(e) => {
+            *stale = Some(lease);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Revokes `lease`; a lease etcd no longer knows counts as revoked.
+async fn revoke(member: &Member, lease: i64) -> Result<(), String> {
+    let mut leases = member.client().lease_client();
+    match member.timed("a lease revoke", leases.revoke(lease)).await {
+        Ok(_) => Ok(()),
+        Err(EtcdError::Unreachable { detail, .. }) if detail.contains("lease not found") => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Resolves when `term` ends (never while there is none).
+async fn term_lost(term: Option<&Arc<Term>>) {
+    match term {
+        Some(t) => t.lost.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One session: one connection, one lease, at most one term. Returns `Ok` only on
+/// shutdown. Ends when the term ends for any reason (a failed or uncertain fencing check
+/// included), so the term and the session never disagree: a new term needs a new session.
+async fn session(
+    s: &Settings,
+    role: &watch::Sender<Role>,
+    cancel: &CancellationToken,
+    joined: &mut bool,
+    stale: &mut Option<i64>,
+) -> Result<(), String> {
+    let member = Arc::new(
+        Member::connect(&s.etcd, &s.endpoint)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    if let Some(old) = *stale {
+        revoke(&member, old).await.map_err(|e| {
+            format!("cannot revoke the lease {old:x} of the previous session (it may still hold the election key): {e}")
+        })?;
+        tracing::info!(lease = %format_args!("{old:x}"), "revoked the lease of the previous session");
+        *stale = None;
+    }
+    let ttl = s.election.lease_ttl;
+    let (lease, mut valid_until, mut keeper, mut replies) = open_lease(&member, ttl, stale).await?;
     *joined = true;
     tracing::debug!(lease = %format_args!("{lease:x}"), "lease granted; campaigning");
     let follower = current_leader(&member, &s.name).await.ok().flatten();
@@ -379,36 +458,40 @@ async fn session(
         let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(valid_until));
         tokio::select! {
             () = cancel.cancelled() => break Ok(()),
+            () = term_lost(term.as_ref()) => break Err(
+                "the leadership term ended (a fencing check failed or could not be confirmed); starting a new session".to_string()
+            ),
             () = expiry => break Err(format!(
                 "the lease was not renewed within its {}s TTL (etcd did not acknowledge the keep-alives)",
                 ttl.as_secs()
             )),
             r = &mut campaign, if campaigning => {
                 campaigning = false;
-                let resp = r.map_err(|e| format!("campaign failed: {}", member.unreachable(&e)))?;
-                let key = resp
-                    .leader()
-                    .cloned()
-                    .ok_or_else(|| "etcd answered the campaign without a leader key".to_string())?;
-                let t = Arc::new(Term {
-                    node: node.clone(),
-                    key: key.key().to_vec(),
-                    token: key.rev(),
-                    lease,
-                    since: Utc::now(),
-                    ttl,
-                    valid_until: Mutex::new(valid_until),
-                    lost: CancellationToken::new(),
-                    member: member.clone(),
-                });
-                proclaim(&member, &key, &t).await;
-                tracing::info!(
-                    node = %node,
-                    fencing_token = t.token,
-                    "this node is now the leader: it takes the scheduled backups"
-                );
-                role.send_replace(Role::Leader(t.clone()));
-                term = Some(t);
+                let won = r.map_err(|e| format!("campaign failed: {}", member.unreachable(&e)));
+                match won.and_then(|resp| {
+                    resp.leader()
+                        .cloned()
+                        .ok_or_else(|| "etcd answered the campaign without a leader key".to_string())
+                }) {
+                    Ok(key) => {
+                        let t = Arc::new(Term {
+                            node: node.clone(),
+                            key: key.key().to_vec(),
+                            token: key.rev(),
+                            lease,
+                            since: Utc::now(),
+                            ttl,
+                            valid_until: Mutex::new(valid_until),
+                            lost: CancellationToken::new(),
+                            member: member.clone(),
+                        });
+                        proclaim(&member, &key, &t).await;
+                        tracing::info!(node = %node, fencing_token = t.token, "this node is now the leader: it takes the scheduled backups");
+                        role.send_replace(Role::Leader(t.clone()));
+                        term = Some(t);
+                    }
+                    Err(e) => break Err(e),
+                }
             }
             _ = tick.tick() => {
                 pending.push_back(Instant::now());
@@ -416,19 +499,7 @@ async fn session(
                     break Err(format!("cannot send a lease keep-alive: {}", member.unreachable(&e)));
                 }
                 if term.is_none() {
-                    let look = tokio::time::timeout(ttl / 3, current_leader(&member, &s.name));
-                    if let Ok(Ok(leader)) = look.await {
-                        role.send_if_modified(|r| match r {
-                            Role::Follower(old) if *old != leader => {
-                                if let Some(l) = &leader {
-                                    tracing::info!(leader = %l.info.node, fencing_token = l.token, "following");
-                                }
-                                *old = leader;
-                                true
-                            }
-                            _ => false,
-                        });
-                    }
+                    follow(&member, &s.name, ttl / 3, role).await;
                 }
             }
             m = replies.message() => match m {
@@ -452,29 +523,62 @@ async fn session(
             tracing::warn!(node = %node, fencing_token = t.token, "leadership lost; a running backup is aborted and nothing more is committed");
         }
     }
-    // Hand over at once: resign (shutdown) and revoke the lease, which also withdraws a
-    // pending campaign. After an error the lease may still be alive; revoking it spares the
-    // other nodes the wait for its TTL.
-    let goodbye = async {
-        if result.is_ok() {
-            if let Some(t) = &term {
-                let key = LeaderKey::new()
-                    .with_name(s.name.clone())
-                    .with_key(t.key.clone())
-                    .with_rev(t.token)
-                    .with_lease(lease);
-                let mut e = member.client().election_client();
-                match e.resign(Some(ResignOptions::new().with_leader(key))).await {
-                    Ok(_) => tracing::info!(node = %node, "resigned the leadership"),
-                    Err(e) => tracing::warn!(error = %member.unreachable(&e), "cannot resign"),
-                }
+    let revoked = goodbye(s, &member, term.as_deref(), lease).await;
+    if !revoked && result.is_err() {
+        // Never campaign again while this lease may still hold the key.
+        *stale = Some(lease);
+    }
+    result
+}
+
+/// Hands over at once: resigns (when leading) and revokes the lease, which also withdraws
+/// a pending campaign. After an error the lease may still be alive; revoking it spares the
+/// other nodes the wait for its TTL. Returns whether the lease is known to be gone.
+async fn goodbye(s: &Settings, member: &Member, term: Option<&Term>, lease: i64) -> bool {
+    let bye = async {
+        if let Some(t) = term {
+            let key = LeaderKey::new()
+                .with_name(s.name.clone())
+                .with_key(t.key.clone())
+                .with_rev(t.token)
+                .with_lease(lease);
+            let mut e = member.client().election_client();
+            match e.resign(Some(ResignOptions::new().with_leader(key))).await {
+                Ok(_) => tracing::info!(node = %t.node, "resigned the leadership"),
+                Err(e) => tracing::debug!(error = %member.unreachable(&e), "cannot resign"),
             }
         }
-        let mut leases = member.client().lease_client();
-        let _ = leases.revoke(lease).await;
+        revoke(member, lease).await
     };
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
-    result
+    match tokio::time::timeout(GOODBYE_TIMEOUT, bye).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(lease = %format_args!("{lease:x}"), error = %e, "cannot revoke the lease; it is revoked before this node campaigns again");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(lease = %format_args!("{lease:x}"), "etcd did not answer the lease revoke; it is revoked before this node campaigns again");
+            false
+        }
+    }
+}
+
+/// Publishes who leads while this node campaigns (bounded by `limit`; errors are left to
+/// the keep-alives to notice).
+async fn follow(member: &Member, name: &str, limit: Duration, role: &watch::Sender<Role>) {
+    let look = tokio::time::timeout(limit, current_leader(member, name));
+    if let Ok(Ok(leader)) = look.await {
+        role.send_if_modified(|r| match r {
+            Role::Follower(old) if *old != leader => {
+                if let Some(l) = &leader {
+                    tracing::info!(leader = %l.info.node, fencing_token = l.token, "following");
+                }
+                *old = leader;
+                true
+            }
+            _ => false,
+        });
+    }
 }
 
 /// Records when this node became leader in the election key, for `etcd-backup status`.

@@ -252,6 +252,15 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// Sends signal `sig` (`STOP`, `CONT`, ...) to member `i`.
+    pub fn signal(&self, i: usize, sig: &str) {
+        self.members[i]
+            .proc
+            .as_ref()
+            .expect("member running")
+            .signal(sig);
+    }
+
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.members[i].proc.take() {
