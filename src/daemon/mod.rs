@@ -12,6 +12,7 @@
 //! reload (it finishes with the configuration it started with) but is aborted cleanly on
 //! shutdown.
 
+pub mod defrag;
 pub mod http;
 pub mod metrics;
 
@@ -102,6 +103,12 @@ struct State {
     store: BackupStore,
 }
 
+impl AsRef<Config> for State {
+    fn as_ref(&self) -> &Config {
+        &self.config
+    }
+}
+
 impl State {
     fn new(config: Config) -> Result<State, String> {
         let store = BackupStore::open(&config.storage, &config.backup.cluster_name)
@@ -174,6 +181,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut server =
         Server::start(state.config.metrics.listen, http_state.clone(), &cancel).await?;
     let driller = tokio::spawn(run_drills(
+        state_rx.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let defragger = tokio::spawn(defrag::run_defrag(
         state_rx.clone(),
         metrics.clone(),
         cancel.clone(),
@@ -342,6 +354,11 @@ pub async fn run(config: Config) -> Result<(), String> {
         // The cycle keeps the configuration it started with, whatever a reload does.
         let cycle_state = state.clone();
         let endpoint = cycle_state.config.etcd.endpoints[0].clone();
+        // Never while this member is being defragmented (waits for it to finish).
+        let member_gate =
+            crate::defrag::gate::MemberGate::in_spool_dir(&cycle_state.config.backup.spool_dir)
+                .for_snapshot(&cancel, || heartbeat.beat())
+                .await;
         let r = backup::run(CycleInput {
             config: &cycle_state.config,
             store: &cycle_state.store,
@@ -353,6 +370,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             slot: Some(at),
         })
         .await;
+        drop(member_gate);
         let fenced = matches!(&r, Err(e) if e.fenced);
         if let Err(e) = &r {
             if let Some(k) = &e.unaborted_upload {
@@ -416,6 +434,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
         let _ = refresher.await;
         let _ = driller.await;
+        let _ = defragger.await;
     };
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks)
         .await
