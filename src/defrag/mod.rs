@@ -11,12 +11,14 @@
 //! - never while any member is down, no member leads, the members disagree on the leader
 //!   or an alarm other than NOSPACE is raised (NOSPACE is what defragmentation after a
 //!   compaction cures);
-//! - a member that is the raft leader first hands leadership to another voting member
-//!   (`move-leader`), the one with the least free space (most likely defragmented
-//!   already), so no member ever defragments while it leads: a leader that stops applying
-//!   stalls lease renewals and the writes of the whole cluster, a follower only its own
-//!   clients. A cluster of one member has nobody to hand over to and defragments its
-//!   leader;
+//! - the raft leader goes last: while other members still need it, the leader's daemon
+//!   lets them take the lock first (for up to half of `[defrag] timeout`, in case their
+//!   daemons do not defragment). Then it hands leadership to another voting member
+//!   (`move-leader`), the one with the least free space (defragmented already), and
+//!   defragments as a follower. So no member defragments while it leads — a leader that
+//!   stops applying stalls lease renewals and the writes of the whole cluster, a follower
+//!   only its own clients — and the leadership moves once per round. A cluster of one
+//!   member has nobody to hand over to and defragments its leader;
 //! - never while this host's etcd-backup takes a snapshot of the member (see [`gate`]).
 
 pub mod gate;
@@ -129,10 +131,24 @@ pub enum Decision {
         /// The local member leads: hand leadership to this member first.
         hand_over_to: Option<u64>,
     },
+    /// The local member leads and these members still need defragmenting: they go first,
+    /// so that the leadership moves once, to a member that is done.
+    LeaderWaits {
+        /// The members that go first.
+        pending: Vec<u64>,
+    },
+}
+
+/// Whether `h` is worth defragmenting under `t`.
+fn worth_it(h: &MemberHealth, t: Thresholds) -> bool {
+    let (free, ratio) = free_space(h);
+    free > 0 && free >= t.min_free_bytes && ratio >= t.min_free_ratio
 }
 
 /// Whether the local member of `report` should be defragmented now, under `t`.
-pub fn decide(report: &ClusterReport, t: Thresholds) -> Decision {
+/// `leader_may_wait`: a leading local member lets the other members that need it go first
+/// ([`Decision::LeaderWaits`]); without it (it has waited long enough) it goes now.
+pub fn decide(report: &ClusterReport, t: Thresholds, leader_may_wait: bool) -> Decision {
     let Some(local) = report.local() else {
         return Decision::Skip(Skip::NotAMember);
     };
@@ -176,10 +192,20 @@ pub fn decide(report: &ClusterReport, t: Thresholds) -> Decision {
     let Ok(lh) = &local.status else {
         return Decision::Skip(Skip::NotAMember);
     };
-    let (free, ratio) = free_space(lh);
+    let (free, _) = free_space(lh);
     let db_size = u64::try_from(lh.db_size).unwrap_or(0);
-    if free < t.min_free_bytes || ratio < t.min_free_ratio || free == 0 {
+    if !worth_it(lh, t) {
         return Decision::Skip(Skip::NotWorthIt { free, db_size });
+    }
+    if leader == Some(local.id) && leader_may_wait {
+        let pending: Vec<u64> = healths
+            .iter()
+            .filter(|(m, h)| m.id != local.id && worth_it(h, t))
+            .map(|(m, _)| m.id)
+            .collect();
+        if !pending.is_empty() {
+            return Decision::LeaderWaits { pending };
+        }
     }
     let hand_over_to = if leader == Some(local.id) {
         healths
@@ -202,6 +228,9 @@ pub fn decide(report: &ClusterReport, t: Thresholds) -> Decision {
         hand_over_to,
     }
 }
+
+/// How often a leader that lets the others go first looks again.
+const LEADER_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -342,7 +371,7 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
         before,
         outcome,
     };
-    match decide(&report, t) {
+    match decide(&report, t, false) {
         Decision::Skip(s) => return Ok(done(before, Outcome::Skipped(s))),
         Decision::Defragment { hand_over_to, .. } if input.dry_run => {
             return Ok(done(
@@ -352,8 +381,11 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
                 },
             ))
         }
-        Decision::Defragment { .. } => {}
+        Decision::Defragment { .. } | Decision::LeaderWaits { .. } => {}
     }
+    // A leader lets the others go first for up to half the time it has.
+    let wait_for_others_until = Instant::now() + cfg.defrag.timeout / 2;
+    let mut told = false;
     let lock_name = lock_name(cfg);
     let ttl = cfg.election.lease_ttl;
     loop {
@@ -379,12 +411,27 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
             .local()
             .and_then(|m| m.status.clone().ok())
             .unwrap_or(before.clone());
-        let hand_over_to = match decide(&report, t) {
+        let may_wait = Instant::now() < wait_for_others_until;
+        let hand_over_to = match decide(&report, t, may_wait) {
             Decision::Skip(s) => {
                 lock.release().await;
                 return Ok(done(before, Outcome::Skipped(s)));
             }
             Decision::Defragment { hand_over_to, .. } => hand_over_to,
+            Decision::LeaderWaits { pending } => {
+                lock.release().await;
+                if !told {
+                    told = true;
+                    let names: Vec<String> =
+                        pending.iter().map(|id| name_of(&report, *id)).collect();
+                    tracing::info!(first = ?names, "the local member is the raft leader: the other members that need it are defragmented first");
+                }
+                tokio::select! {
+                    () = input.cancel.cancelled() => return Err(DefragError::Cancelled),
+                    () = tokio::time::sleep(LEADER_RECHECK) => {}
+                }
+                continue;
+            }
         };
         let guard = match input.gate.try_lock() {
             Ok(g) => g,

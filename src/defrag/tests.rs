@@ -55,7 +55,7 @@ fn free_space_is_file_size_minus_in_use() {
 #[test]
 fn a_follower_with_enough_free_space_goes_without_hand_over() {
     assert_eq!(
-        decide(&cluster(2, 512 * MIB, 100 * MIB), t()),
+        decide(&cluster(2, 512 * MIB, 100 * MIB), t(), false),
         Decision::Defragment {
             free: 412 * MIB as u64,
             db_size: 512 * MIB as u64,
@@ -68,17 +68,17 @@ fn a_follower_with_enough_free_space_goes_without_hand_over() {
 fn both_thresholds_must_be_met() {
     // 40 % free but only 40 MiB: below min_free_bytes.
     assert!(matches!(
-        decide(&cluster(2, 100 * MIB, 60 * MIB), t()),
+        decide(&cluster(2, 100 * MIB, 60 * MIB), t(), false),
         Decision::Skip(Skip::NotWorthIt { free, .. }) if free == 40 * MIB as u64
     ));
     // 200 MiB free but only 20 %: below min_free_ratio.
     assert!(matches!(
-        decide(&cluster(2, 1000 * MIB, 800 * MIB), t()),
+        decide(&cluster(2, 1000 * MIB, 800 * MIB), t(), false),
         Decision::Skip(Skip::NotWorthIt { .. })
     ));
     // Exactly at both limits: goes.
     assert!(matches!(
-        decide(&cluster(2, 640 * MIB, 448 * MIB), t()),
+        decide(&cluster(2, 640 * MIB, 448 * MIB), t(), false),
         Decision::Defragment { .. }
     ));
     // Nothing free never goes, even with zero thresholds.
@@ -87,14 +87,14 @@ fn both_thresholds_must_be_met() {
         min_free_bytes: 0,
     };
     assert!(matches!(
-        decide(&cluster(2, 640 * MIB, 640 * MIB), zero),
+        decide(&cluster(2, 640 * MIB, 640 * MIB), zero, false),
         Decision::Skip(Skip::NotWorthIt { free: 0, .. })
     ));
 }
 
 #[test]
 fn the_leader_hands_over_to_the_voting_member_with_least_free_space() {
-    let d = decide(&cluster(1, 512 * MIB, 100 * MIB), t());
+    let d = decide(&cluster(1, 512 * MIB, 100 * MIB), t(), false);
     assert!(
         matches!(
             d,
@@ -109,7 +109,7 @@ fn the_leader_hands_over_to_the_voting_member_with_least_free_space() {
     let mut c = cluster(1, 512 * MIB, 100 * MIB);
     c.members[1].is_learner = true;
     assert!(matches!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Defragment {
             hand_over_to: Some(3),
             ..
@@ -122,11 +122,50 @@ fn the_leader_hands_over_to_the_voting_member_with_least_free_space() {
         s.raft_applied_index = 101;
     }
     assert!(matches!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Defragment {
             hand_over_to: Some(3),
             ..
         }
+    ));
+}
+
+#[test]
+fn the_leader_goes_last() {
+    // m3 still has 524 MiB (51 %) free, m2 only 124 MiB (12 %): m3 goes first.
+    assert_eq!(
+        decide(&cluster(1, 512 * MIB, 100 * MIB), t(), true),
+        Decision::LeaderWaits { pending: vec![3] }
+    );
+    // Once every other member is done, the leader hands over and goes.
+    let mut c = cluster(1, 512 * MIB, 100 * MIB);
+    c.members[2].status = Ok(h(600 * MIB, 500 * MIB, 1));
+    assert!(matches!(
+        decide(&c, t(), true),
+        Decision::Defragment {
+            hand_over_to: Some(_),
+            ..
+        }
+    ));
+    // A follower never waits; a leader that waited long enough goes.
+    assert!(matches!(
+        decide(&cluster(2, 512 * MIB, 100 * MIB), t(), true),
+        Decision::Defragment {
+            hand_over_to: None,
+            ..
+        }
+    ));
+    assert!(matches!(
+        decide(&cluster(1, 512 * MIB, 100 * MIB), t(), false),
+        Decision::Defragment {
+            hand_over_to: Some(2),
+            ..
+        }
+    ));
+    // A leader that need not be defragmented does not wait either.
+    assert!(matches!(
+        decide(&cluster(1, 512 * MIB, 500 * MIB), t(), true),
+        Decision::Skip(Skip::NotWorthIt { .. })
     ));
 }
 
@@ -137,7 +176,7 @@ fn a_sole_member_defragments_as_leader() {
         members: vec![m(1, Ok(h(512 * MIB, 10 * MIB, 1)))],
     };
     assert!(matches!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Defragment {
             hand_over_to: None,
             ..
@@ -152,7 +191,7 @@ fn never_while_the_cluster_is_degraded() {
     let mut c = worth();
     c.members[2].status = Err("connection refused".into());
     assert_eq!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Skip(Skip::MemberDown {
             name: "m3".into(),
             why: "connection refused".into()
@@ -163,13 +202,13 @@ fn never_while_the_cluster_is_degraded() {
     c.members[1].name.clear();
     c.members[1].status = Err("not started".into());
     assert!(
-        matches!(decide(&c, t()), Decision::Skip(Skip::MemberDown { name, .. }) if name == "2")
+        matches!(decide(&c, t(), false), Decision::Skip(Skip::MemberDown { name, .. }) if name == "2")
     );
     // The local member itself does not answer.
     let mut c = worth();
     c.members[0].status = Err("timeout".into());
     assert!(matches!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Skip(Skip::MemberDown { .. })
     ));
     // No leader.
@@ -178,7 +217,7 @@ fn never_while_the_cluster_is_degraded() {
         s.leader = 0;
     }
     assert_eq!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Skip(Skip::NoLeader { name: "m2".into() })
     );
     // Members disagree on the leader.
@@ -186,25 +225,31 @@ fn never_while_the_cluster_is_degraded() {
     if let Ok(s) = &mut c.members[2].status {
         s.leader = 3;
     }
-    assert_eq!(decide(&c, t()), Decision::Skip(Skip::LeaderUnsettled));
+    assert_eq!(
+        decide(&c, t(), false),
+        Decision::Skip(Skip::LeaderUnsettled)
+    );
     // A CORRUPT alarm stops everything; NOSPACE does not (defragmenting is its cure).
     let mut c = worth();
     if let Ok(s) = &mut c.members[1].status {
         s.errors = vec!["memberID:2 alarm:CORRUPT".into()];
     }
     assert!(matches!(
-        decide(&c, t()),
+        decide(&c, t(), false),
         Decision::Skip(Skip::Alarm { .. })
     ));
     let mut c = worth();
     if let Ok(s) = &mut c.members[0].status {
         s.errors = vec!["memberID:1 alarm:NOSPACE".into()];
     }
-    assert!(matches!(decide(&c, t()), Decision::Defragment { .. }));
+    assert!(matches!(
+        decide(&c, t(), false),
+        Decision::Defragment { .. }
+    ));
     // The local member missing from the list.
     let mut c = worth();
     c.local_id = 9;
-    assert_eq!(decide(&c, t()), Decision::Skip(Skip::NotAMember));
+    assert_eq!(decide(&c, t(), false), Decision::Skip(Skip::NotAMember));
 }
 
 #[test]
@@ -261,7 +306,21 @@ proptest! {
     ) {
         let report = ClusterReport { local_id: 1, members };
         let th = Thresholds { min_free_ratio: ratio, min_free_bytes: bytes };
-        if let Decision::Defragment { free, hand_over_to, .. } = decide(&report, th) {
+        let patient = decide(&report, th, true);
+        if let Decision::LeaderWaits { pending } = &patient {
+            let local = report.members[0].status.clone().unwrap();
+            prop_assert_eq!(local.leader, 1);
+            prop_assert!(!pending.is_empty() && !pending.contains(&1));
+            for id in pending {
+                let other = report.members.iter().find(|m| m.id == *id).unwrap();
+                let (f, r) = free_space(other.status.as_ref().unwrap());
+                prop_assert!(f > 0 && f >= bytes && r >= ratio);
+            }
+        } else {
+            // Patience changes nothing unless the leader waits.
+            prop_assert_eq!(&patient, &decide(&report, th, false));
+        }
+        if let Decision::Defragment { free, hand_over_to, .. } = decide(&report, th, false) {
             let healths: Vec<_> = report.members.iter().map(|m| m.status.clone()).collect();
             prop_assert!(healths.iter().all(Result::is_ok));
             let hs: Vec<MemberHealth> = healths.into_iter().map(Result::unwrap).collect();
