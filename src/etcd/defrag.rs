@@ -281,6 +281,14 @@ impl ClusterLock {
     }
 }
 
+impl Drop for ClusterLock {
+    /// A lock dropped without [`ClusterLock::release`] (a panic, a cancelled task) stops
+    /// its keep-alives: the lease, and with it the lock, expires within its TTL.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Keeps `lease` alive every third of `ttl` until `stop`, extending `valid_until` by each
 /// acknowledged keep-alive; stops at the first failure (the deadline then runs out).
 async fn keep_alive(

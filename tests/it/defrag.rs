@@ -7,6 +7,7 @@
 //! the daemons say about themselves.
 
 use crate::support::etcd::{EtcdBins, EtcdCluster, EtcdVersion};
+use crate::support::proxy::{Fault, Proxy};
 use crate::support::{self, etcd_backup, text, wait_until, ChildProc};
 use chrono::{DateTime, Duration as Span, Timelike, Utc};
 use etcd_client::{Client, CompactionOptions, DeleteOptions, StatusResponse};
@@ -199,7 +200,6 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
             before[i]
         );
     }
-    let leader_before = rt.block_on(status(&urls[0])).leader();
 
     let dir = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = (0..3)
@@ -271,11 +271,41 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
         },
     );
 
-    // One slot a few seconds ahead for the defragmentation AND the backups; reload.
+    // The node taking the backups (E) gets the raft leadership too: its member is the
+    // one where snapshots and the defragmentation meet, and its defragmentation goes last.
+    let e = (0..3)
+        .find(|&i| gauge(&nodes[i], "etcd_backup_is_leader") == Some(1.0))
+        .unwrap();
+    let e_id = rt.block_on(status(&urls[e])).header().unwrap().member_id();
+    rt.block_on(async {
+        let raft_leader = status(&urls[e]).await.leader();
+        if raft_leader != e_id {
+            for url in &urls {
+                if status(url).await.header().unwrap().member_id() == raft_leader {
+                    let mut c = Client::connect([url.as_str()], None).await.unwrap();
+                    c.move_leader(e_id)
+                        .await
+                        .expect("move the raft leadership to E");
+                }
+            }
+        }
+    });
+    wait_until("E's member to lead", Duration::from_secs(20), || {
+        rt.block_on(status(&urls[e])).leader() == e_id
+    });
+    // E reaches its member through a throttled link, so that each snapshot of it streams
+    // for a second or more: a defragmentation of that member that did not wait for them
+    // would overlap them in etcd's log.
+    let proxy = Proxy::for_url(&urls[e]);
+    proxy.set(Fault::Throttle(8_000_000));
+
+    // One slot a few seconds ahead for the defragmentation AND the backups; reload. The
+    // two followers' daemons fire at the same instant: only the lock keeps them apart.
     let slot = (Utc::now() + Span::seconds(5)).with_nanosecond(0).unwrap();
     let cron = format!("{} * * * * *", slot.second());
     for (i, n) in nodes.iter().enumerate() {
-        write_config(dir.path(), i, &urls[i], n.port, &cron);
+        let endpoint = if i == e { proxy.url() } else { urls[i].clone() };
+        write_config(dir.path(), i, &endpoint, n.port, &cron);
         n.proc.signal("HUP");
     }
     wait_until(
@@ -290,22 +320,15 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
         },
     );
     assert!(Utc::now() < slot, "the reload took past the slot");
-    // At the slot, a one-shot snapshot of every member from another process.
+    // At the slot: E's scheduled backup (in the daemon) and a one-shot snapshot of E's
+    // member from another process, both through the throttled link.
     let wait = (slot - Utc::now()).to_std().unwrap_or_default();
     std::thread::sleep(wait);
-    let shots: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let c = n.config.clone();
-            std::thread::spawn(move || {
-                etcd_backup(&["snapshot", "--config", c.to_str().unwrap()], &[])
-            })
-        })
-        .collect();
-    for s in shots {
-        let o = s.join().unwrap();
-        assert!(o.status.success(), "one-shot snapshot: {}", text(&o));
-    }
+    let o = etcd_backup(
+        &["snapshot", "--config", nodes[e].config.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "one-shot snapshot: {}", text(&o));
     wait_until(
         &format!("every daemon to defragment its member\n{}", logs(&nodes)),
         Duration::from_secs(60),
@@ -313,6 +336,7 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
             nodes
                 .iter()
                 .all(|n| gauge(n, "etcd_backup_defrag_total{result=\"success\"}") == Some(1.0))
+                && gauge(&nodes[e], "etcd_backup_cycles_total{result=\"success\"}") >= Some(2.0)
         },
     );
 
@@ -371,7 +395,14 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
             "sending database snapshot to client",
             "successfully sent database snapshot to client",
         );
-        assert!(!snaps.is_empty(), "member {i} served no snapshot");
+        if i == e {
+            // The catch-up backup, the slot's backup and the one-shot snapshot.
+            assert!(
+                snaps.len() >= 3,
+                "member {i} served {} snapshots",
+                snaps.len()
+            );
+        }
         for s in &snaps {
             assert!(
                 !s.overlaps(d),
@@ -406,11 +437,51 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
                 .count()
         })
         .sum();
-    let leader_node = (0..3)
-        .find(|&i| rt.block_on(status(&urls[i])).header().unwrap().member_id() == leader_before);
-    eprintln!("leader before the round: node-{leader_node:?}; leadership hand-overs: {handovers}");
+    eprintln!("node-{e} took the backups and led; leadership hand-overs: {handovers}");
     for n in &mut nodes {
         n.proc.signal("TERM");
         assert!(n.proc.wait_exit(Duration::from_secs(20)).is_some());
     }
+}
+
+/// The cluster-wide lock itself: one holder at a time, held past its TTL by the
+/// keep-alives, taken over at once after a release, and freed by the lease when a holder
+/// disappears without releasing it.
+#[test]
+fn the_lock_admits_one_holder_and_frees_itself_when_the_holder_is_gone() {
+    use etcd_backup::etcd::defrag::{ClusterLock, LockError};
+    use etcd_backup::etcd::Member;
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let cluster = EtcdCluster::start(&bins, 1);
+    let url = cluster.client_url(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, format!("[etcd]\nendpoints = [\"{url}\"]\n")).unwrap();
+    let cfg = etcd_backup::config::Config::load_with_env(&path, Some(Default::default())).unwrap();
+    let name = etcd_backup::defrag::lock_name(&cfg);
+    assert_eq!(name, "/etcd-backup/election/kubernetes:defrag");
+    let ttl = Duration::from_secs(2);
+    rt().block_on(async {
+        let a = Member::connect(&cfg.etcd, &url).await.unwrap();
+        let b = Member::connect(&cfg.etcd, &url).await.unwrap();
+        let held = ClusterLock::acquire(&a, &name, ttl, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // B waits longer than the TTL and does not get it: A's keep-alives hold it.
+        let r = ClusterLock::acquire(&b, &name, ttl, ttl * 2).await;
+        assert!(matches!(r, Err(LockError::Busy { .. })), "{r:?}");
+        held.release().await;
+        let by_b = ClusterLock::acquire(&b, &name, ttl, Duration::from_secs(5))
+            .await
+            .expect("a released lock is free");
+        // B goes away without releasing: its lease expires and A gets the lock.
+        drop(by_b);
+        let again = ClusterLock::acquire(&a, &name, ttl, Duration::from_secs(20))
+            .await
+            .expect("the lock of a holder that is gone frees itself");
+        again.release().await;
+    });
+    // Nothing is left under the lock's name.
+    let o = cluster.etcdctl(0, &["get", &name, "--prefix", "--keys-only"]);
+    assert!(String::from_utf8_lossy(&o.stdout).trim().is_empty());
 }
