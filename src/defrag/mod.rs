@@ -348,40 +348,40 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
     let t = Thresholds::from_config(&cfg.defrag);
     let deadline = Instant::now() + cfg.defrag.timeout;
     let member = Member::connect(&cfg.etcd, input.endpoint).await?;
-    let report = member.cluster_report(&cfg.etcd).await?;
+    // Only the local member is read before the lock: another member may be
+    // defragmenting right now, and a member that defragments does not answer its status
+    // until it is done (its state is read under the lock, when it is its turn).
+    let (_, before) = member.health().await?;
+    let local_name = member.status().await?.member_name;
     let name_of = |r: &ClusterReport, id: u64| {
         r.members
             .iter()
             .find(|m| m.id == id)
             .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
     };
-    let local_name = report.local().map(|m| m.name.clone()).unwrap_or_default();
-    let before = report
-        .local()
-        .and_then(|m| m.status.clone().ok())
-        .ok_or_else(|| {
-            DefragError::Etcd(EtcdError::Unreachable {
-                endpoint: input.endpoint.to_string(),
-                detail: "the member is not in its own member list".to_string(),
-                tls_hint: "",
-            })
-        })?;
     let done = |before: MemberHealth, outcome| DefragReport {
         member: local_name.clone(),
         before,
         outcome,
     };
-    match decide(&report, t, false) {
-        Decision::Skip(s) => return Ok(done(before, Outcome::Skipped(s))),
-        Decision::Defragment { hand_over_to, .. } if input.dry_run => {
-            return Ok(done(
-                before,
-                Outcome::WouldDefragment {
-                    hand_over_to: hand_over_to.map(|id| name_of(&report, id)),
-                },
-            ))
-        }
-        Decision::Defragment { .. } | Decision::LeaderWaits { .. } => {}
+    if !worth_it(&before, t) {
+        let (free, _) = free_space(&before);
+        let db_size = u64::try_from(before.db_size).unwrap_or(0);
+        return Ok(done(
+            before,
+            Outcome::Skipped(Skip::NotWorthIt { free, db_size }),
+        ));
+    }
+    if input.dry_run {
+        let report = member.cluster_report(&cfg.etcd).await?;
+        let outcome = match decide(&report, t, false) {
+            Decision::Skip(s) => Outcome::Skipped(s),
+            Decision::Defragment { hand_over_to, .. } => Outcome::WouldDefragment {
+                hand_over_to: hand_over_to.map(|id| name_of(&report, id)),
+            },
+            Decision::LeaderWaits { .. } => Outcome::WouldDefragment { hand_over_to: None },
+        };
+        return Ok(done(before, outcome));
     }
     // A leader lets the others go first for up to half the time it has.
     let wait_for_others_until = Instant::now() + cfg.defrag.timeout / 2;

@@ -297,7 +297,7 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
     // for a second or more: a defragmentation of that member that did not wait for them
     // would overlap them in etcd's log.
     let proxy = Proxy::for_url(&urls[e]);
-    proxy.set(Fault::Throttle(8_000_000));
+    proxy.set(Fault::Throttle(32_000_000));
 
     // One slot a few seconds ahead for the defragmentation AND the backups; reload. The
     // two followers' daemons fire at the same instant: only the lock keeps them apart.
@@ -324,11 +324,16 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
     // member from another process, both through the throttled link.
     let wait = (slot - Utc::now()).to_std().unwrap_or_default();
     std::thread::sleep(wait);
+    let started = std::time::Instant::now();
     let o = etcd_backup(
         &["snapshot", "--config", nodes[e].config.to_str().unwrap()],
         &[],
     );
     assert!(o.status.success(), "one-shot snapshot: {}", text(&o));
+    eprintln!(
+        "one-shot snapshot of node-{e}'s member: {:?}",
+        started.elapsed()
+    );
     wait_until(
         &format!("every daemon to defragment its member\n{}", logs(&nodes)),
         Duration::from_secs(60),
