@@ -3,7 +3,8 @@
 //!
 //! A snapshot holds a read transaction for as long as it streams; a defragmentation waits
 //! for it while holding the member's write lock, so the member serves nothing until the
-//! snapshot ends. The gate is an advisory lock (`flock`) on `SPOOL_DIR/member.lock`. Each
+//! snapshot ends. The gate is an advisory lock (`flock`) on `SPOOL_DIR.lock` (next to the
+//! spool directory, which holds nothing but a cycle's temporary files). Each
 //! holder opens the file itself, and `flock` locks belong to the open file, so the gate
 //! excludes holders in one process (the daemon's cycle and its defragmentation task) and
 //! across processes that use the same spool directory (the daemon and a one-shot
@@ -18,9 +19,6 @@ use std::time::Duration;
 /// How often a waiting holder tries again.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The name of the lock file in the spool directory.
-pub const LOCK_FILE: &str = "member.lock";
-
 /// The gate of the member whose snapshots are spooled in a directory.
 #[derive(Debug, Clone)]
 pub struct MemberGate {
@@ -34,11 +32,19 @@ pub struct GateGuard {
 }
 
 impl MemberGate {
-    /// The gate at `SPOOL_DIR/member.lock`.
+    /// The gate of `spool_dir`: the file `SPOOL_DIR.lock` next to it (inside it when it
+    /// is the root directory). The file is never removed: removing a lock file that
+    /// another process has open would let two holders lock two different files.
     pub fn in_spool_dir(spool_dir: &Path) -> MemberGate {
-        MemberGate {
-            path: spool_dir.join(LOCK_FILE),
-        }
+        let path = match (spool_dir.parent(), spool_dir.file_name()) {
+            (Some(parent), Some(name)) => {
+                let mut n = name.to_os_string();
+                n.push(".lock");
+                parent.join(n)
+            }
+            _ => spool_dir.join("etcd-backup-member.lock"),
+        };
+        MemberGate { path }
     }
 
     /// The lock file.
@@ -140,6 +146,7 @@ mod tests {
     async fn one_holder_at_a_time_even_within_one_process() {
         let dir = tempfile::tempdir().unwrap();
         let gate = MemberGate::in_spool_dir(&dir.path().join("spool"));
+        assert_eq!(gate.path(), dir.path().join("spool.lock"));
         let first = gate.try_lock().unwrap().expect("a free gate is taken");
         assert!(gate.try_lock().unwrap().is_none(), "a held gate is refused");
         // A waiter gives up when told to, without taking the gate.

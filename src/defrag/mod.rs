@@ -242,7 +242,7 @@ pub enum DefragError {
     #[error("cannot take the defragmentation lock: {0}; trying again at the next scheduled time")]
     Lock(#[from] LockError),
     /// The member lock file.
-    #[error("cannot open the member lock file {path}: {source}; check that [backup] spool_dir is writable by this user")]
+    #[error("cannot open the member lock file {path}: {source}; check that the directory holding [backup] spool_dir is writable by this user")]
     Gate {
         /// The file.
         path: String,
