@@ -334,8 +334,8 @@ pub struct DefragConfig {
     pub min_free_ratio: f64,
     /// ... and at least this many bytes are free.
     pub min_free_bytes: u64,
-    /// Upper bound for one attempt: waiting for the other members and for a running
-    /// snapshot, the defragmentation itself, and the member answering again.
+    /// Upper bound for waiting (for the other members' turns and a running snapshot), and
+    /// separately for the defragmentation itself.
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
 }

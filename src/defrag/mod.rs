@@ -499,10 +499,8 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
             "defragmenting the local member"
         );
         let started = Instant::now();
-        let limit = deadline
-            .saturating_duration_since(started)
-            .max(Duration::from_secs(1));
-        let r = member.defragment(limit).await;
+        // The waiting above had its own bound; the defragmentation gets the whole timeout.
+        let r = member.defragment(cfg.defrag.timeout).await;
         let took = started.elapsed();
         if let Err(e) = r {
             // The member may still be defragmenting: keep the gate and the lock until it
