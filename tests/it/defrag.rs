@@ -443,6 +443,17 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
         })
         .sum();
     eprintln!("node-{e} took the backups and led; leadership hand-overs: {handovers}");
+    // Done: the command finds nothing worth doing now.
+    let o = etcd_backup(
+        &["defrag", "--config", nodes[1].config.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("not defragmented: not worth it"),
+        "{}",
+        text(&o)
+    );
     for n in &mut nodes {
         n.proc.signal("TERM");
         assert!(n.proc.wait_exit(Duration::from_secs(20)).is_some());
@@ -489,4 +500,43 @@ fn the_lock_admits_one_holder_and_frees_itself_when_the_holder_is_gone() {
     // Nothing is left under the lock's name.
     let o = cluster.etcdctl(0, &["get", &name, "--prefix", "--keys-only"]);
     assert!(String::from_utf8_lossy(&o.stdout).trim().is_empty());
+
+    // `etcd-backup defrag` on a cluster of one: its only member leads and goes anyway.
+    // Any free page is worth it here.
+    for i in 0..20 {
+        cluster.put(&format!("/k{i}"), &"x".repeat(10_000));
+    }
+    let o = cluster.etcdctl(0, &["del", "/k", "--prefix"]);
+    assert!(o.status.success());
+    cluster.put("/tick", "t");
+    std::fs::write(
+        &path,
+        format!(
+            "[etcd]\nendpoints = [\"{url}\"]\n[backup]\nspool_dir = \"{}\"\n\
+             [defrag]\nmin_free_ratio = 0.0\nmin_free_bytes = 0\n",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let o = etcd_backup(&["defrag", "--config", path.to_str().unwrap()], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        out.contains("before: db_size")
+            && out.contains("defragmented in")
+            && out.contains("reclaimed"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        intervals(
+            &cluster.log(0),
+            "starting defragment",
+            "finished defragment"
+        )
+        .len(),
+        1,
+        "{}",
+        text(&o)
+    );
 }
