@@ -151,7 +151,8 @@ pub enum Command {
     },
     /// Defragment the local etcd member now if it is worth it and safe (the same rules as
     /// `[defrag] cron`: one member of the cluster at a time, never during a snapshot taken
-    /// by this host, a leader hands leadership over first); prints sizes before and after.
+    /// by this host, a raft leader hands its leadership to another member first, without
+    /// waiting for the others' turns); prints sizes before and after.
     Defrag {
         #[command(flatten)]
         config: ConfigArg,

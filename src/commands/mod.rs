@@ -226,6 +226,7 @@ async fn defrag(cfg: &Config, dry_run: bool) -> Result<(), CommandError> {
         endpoint: &cfg.etcd.endpoints[0],
         dry_run,
         gate: &gate,
+        leader_waits: false,
         cancel: &cancel,
     })
     .await;

@@ -64,6 +64,7 @@ async fn attempt(config: &Config, metrics: &Metrics, cancel: &CancellationToken)
         endpoint: &endpoint,
         dry_run: false,
         gate: &gate,
+        leader_waits: true,
         cancel,
     })
     .await;

@@ -322,6 +322,9 @@ pub struct DefragInput<'a> {
     pub dry_run: bool,
     /// Excludes snapshots of the member on this host.
     pub gate: &'a MemberGate,
+    /// A leading member lets the other members that need it go first (the schedule, where
+    /// they all fire at once); `false`: it hands over and goes now (a command run by hand).
+    pub leader_waits: bool,
     /// Shutdown.
     pub cancel: &'a CancellationToken,
 }
@@ -384,7 +387,11 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
         return Ok(done(before, outcome));
     }
     // A leader lets the others go first for up to half the time it has.
-    let wait_for_others_until = Instant::now() + cfg.defrag.timeout / 2;
+    let wait_for_others_until = if input.leader_waits {
+        Instant::now() + cfg.defrag.timeout / 2
+    } else {
+        Instant::now()
+    };
     let mut told = false;
     let lock_name = lock_name(cfg);
     let ttl = cfg.election.lease_ttl;
