@@ -176,6 +176,17 @@ pub enum Command {
         #[arg(long, short = 'o')]
         output: PathBuf,
     },
+    /// Defragment the local etcd member now if it is worth it and safe (the same rules as
+    /// `[defrag] cron`: one member of the cluster at a time, never during a snapshot taken
+    /// by this host, a raft leader hands its leadership to another member first, without
+    /// waiting for the others' turns); prints sizes before and after.
+    Defrag {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
     /// Write the man pages and shell completions (used when packaging).

@@ -3,6 +3,7 @@
 pub mod cli;
 
 mod backups;
+mod defrag;
 mod restore;
 mod snapshot;
 
@@ -125,6 +126,10 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
         Command::Drill { config, identity } => {
             let cfg = Config::load(&config.config)?;
             restore::drill(&cfg, identity.as_deref()).await
+        }
+        Command::Defrag { config, dry_run } => {
+            let cfg = Config::load(&config.config)?;
+            defrag::defrag(&cfg, dry_run).await
         }
         Command::GenDocs { out } => gen_docs(&out).map_err(failed),
         Command::CheckConfig(ConfigArg { config }) => {

@@ -23,6 +23,10 @@ pub(super) async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(),
             }
         })
     };
+    // Never while this host's daemon defragments the member (waits for it).
+    let member_gate = crate::defrag::gate::MemberGate::in_spool_dir(&cfg.backup.spool_dir)
+        .for_snapshot(&cancel, || {})
+        .await;
     let progress = crate::progress::Progress::new("snapshot");
     let r = backup::run(CycleInput {
         config: cfg,
@@ -35,6 +39,7 @@ pub(super) async fn snapshot(cfg: &Config, endpoint: Option<&str>) -> Result<(),
         slot: None,
     })
     .await;
+    drop(member_gate);
     progress.finish();
     ctrl_c.abort();
     let report = r.map_err(failed)?;

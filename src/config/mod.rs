@@ -80,6 +80,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[drill]`
     pub drill: DrillConfig,
+    /// `[defrag]`
+    pub defrag: DefragConfig,
     /// `[election]`
     pub election: ElectionConfig,
     /// `[encryption]`
@@ -321,6 +323,28 @@ pub struct DrillConfig {
     pub timeout: Duration,
 }
 
+/// Scheduled defragmentation of the local member (see `defrag`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DefragConfig {
+    /// The cron expression as written; `None`: no scheduled defragmentation.
+    pub cron: Option<String>,
+    /// The parsed schedule.
+    #[serde(skip)]
+    pub schedule: Option<Schedule>,
+    /// Defragment only when at least this share of the database file is free
+    /// (`1 - db_size_in_use / db_size`).
+    pub min_free_ratio: f64,
+    /// ... and at least this many bytes are free.
+    pub min_free_bytes: u64,
+    /// Upper bound for waiting (for the other members' turns and a running snapshot), and
+    /// separately for the defragmentation itself.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+/// Default `[defrag] min_free_bytes`: 64 MiB.
+pub const DEFAULT_DEFRAG_MIN_FREE_BYTES: u64 = 64 << 20;
+
 /// Which node takes the backups: the daemons elect one through an etcd lease.
 #[derive(Debug, Clone, Serialize)]
 pub struct ElectionConfig {
@@ -416,6 +440,7 @@ mod raw {
         pub retention: Retention,
         pub metrics: Metrics,
         pub drill: Drill,
+        pub defrag: Defrag,
         pub election: Election,
         pub encryption: Encryption,
     }
@@ -494,6 +519,15 @@ mod raw {
     pub struct Drill {
         pub cron: Option<String>,
         pub etcd_dir: Option<String>,
+        pub timeout: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Defrag {
+        pub cron: Option<String>,
+        pub min_free_ratio: Option<f64>,
+        pub min_free_bytes: Option<u64>,
         pub timeout: Option<String>,
     }
 
@@ -768,6 +802,7 @@ impl Config {
         let retention = Self::retention_from_raw(raw.retention, &mut p);
         let metrics = Self::metrics_from_raw(raw.metrics, &mut p);
         let drill = Self::drill_from_raw(raw.drill, schedule.timezone, &mut p);
+        let defrag = Self::defrag_from_raw(raw.defrag, schedule.timezone, &mut p);
         let election = Self::election_from_raw(raw.election, &mut p);
         let encryption = Self::encryption_from_raw(raw.encryption, &mut p);
 
@@ -780,6 +815,7 @@ impl Config {
                 retention,
                 metrics,
                 drill,
+                defrag,
                 election,
                 encryption,
                 source: path.to_path_buf(),
@@ -1198,6 +1234,33 @@ impl Config {
         }
     }
 
+    fn defrag_from_raw(r: raw::Defrag, tz: Tz, p: &mut Problems) -> DefragConfig {
+        let schedule = r
+            .cron
+            .as_deref()
+            .and_then(|c| match Schedule::parse(c, tz) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    p.push("defrag.cron", e);
+                    None
+                }
+            });
+        let min_free_ratio = r.min_free_ratio.unwrap_or(0.3);
+        if !(0.0..1.0).contains(&min_free_ratio) {
+            p.push(
+                "defrag.min_free_ratio",
+                format!("{min_free_ratio} must be at least 0 and below 1 (the share of the database file that must be free; 0.3 suits most clusters)"),
+            );
+        }
+        DefragConfig {
+            cron: r.cron,
+            schedule,
+            min_free_ratio,
+            min_free_bytes: r.min_free_bytes.unwrap_or(DEFAULT_DEFRAG_MIN_FREE_BYTES),
+            timeout: p.duration("defrag.timeout", r.timeout.as_deref(), "10m"),
+        }
+    }
+
     fn metrics_from_raw(r: raw::Metrics, p: &mut Problems) -> MetricsConfig {
         let text = r
             .listen
@@ -1289,6 +1352,7 @@ impl Config {
             retention: &'a RetentionConfig,
             metrics: &'a MetricsConfig,
             drill: &'a DrillConfig,
+            defrag: &'a DefragConfig,
             election: &'a ElectionConfig,
             encryption: &'a EncryptionConfig,
         }
@@ -1360,6 +1424,7 @@ impl Config {
             retention: &self.retention,
             metrics: &self.metrics,
             drill: &self.drill,
+            defrag: &self.defrag,
             election: &self.election,
             encryption: &self.encryption,
         };
@@ -1831,5 +1896,30 @@ mod tests {
         let c = Config::load_with_env(&path, Some(HashMap::new()))
             .unwrap_or_else(|e| panic!("config.example.toml: {e}"));
         assert_eq!(c.backup.compression, Compression::Zstd);
+    }
+
+    #[test]
+    fn defrag_is_off_by_default_and_its_limits_are_checked() {
+        let c = load_str("", &[]).unwrap();
+        assert!(c.defrag.cron.is_none() && c.defrag.schedule.is_none());
+        assert!((c.defrag.min_free_ratio - 0.3).abs() < f64::EPSILON);
+        assert_eq!(c.defrag.min_free_bytes, 64 << 20);
+        assert_eq!(c.defrag.timeout, Duration::from_secs(600));
+        let c = load_str(
+            "[defrag]\ncron = \"0 4 * * 0\"\nmin_free_ratio = 0.5\nmin_free_bytes = 1000\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.defrag.schedule.is_some());
+        assert_eq!(c.defrag.min_free_bytes, 1000);
+        let err = load_str(
+            "[defrag]\ncron = \"every sunday\"\nmin_free_ratio = 1.5\ntimeout = \"0s\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        for key in ["defrag.cron", "defrag.min_free_ratio", "defrag.timeout"] {
+            assert!(err.contains(key), "{key} missing in {err}");
+        }
     }
 }

@@ -82,6 +82,34 @@ pub struct StageLabels {
     pub stage: StageValue,
 }
 
+/// Outcome of a scheduled defragmentation attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum DefragResult {
+    /// The local member was defragmented.
+    Success,
+    /// The attempt failed.
+    Failure,
+    /// Not worth it, or not safe now (a member down, no leader, an alarm).
+    Skipped,
+}
+
+impl EncodeLabelValue for DefragResult {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        e.write_str(match self {
+            DefragResult::Success => "success",
+            DefragResult::Failure => "failure",
+            DefragResult::Skipped => "skipped",
+        })
+    }
+}
+
+/// `{result="success|failure|skipped"}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DefragLabels {
+    /// The outcome.
+    pub result: DefragResult,
+}
+
 /// `{version="..."}`
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -142,6 +170,12 @@ pub struct Metrics {
     pub restore_drill_enabled: Gauge,
     /// Always 1, labelled with the version.
     pub build_info: Family<VersionLabels, Gauge>,
+    /// Scheduled defragmentations of the local member, by result.
+    pub defrags: Family<DefragLabels, Counter>,
+    /// When the local member was last defragmented.
+    pub defrag_last_timestamp: FGauge,
+    /// Bytes the last defragmentation returned to the file system.
+    pub defrag_reclaimed: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -189,6 +223,9 @@ impl Metrics {
             restore_drill_last_success_timestamp: FGauge::default(),
             restore_drill_enabled: Gauge::default(),
             build_info: Family::default(),
+            defrags: Family::default(),
+            defrag_last_timestamp: FGauge::default(),
+            defrag_reclaimed: Gauge::default(),
         };
         let r = &mut registry;
         r.register_with_unit(
@@ -307,6 +344,30 @@ impl Metrics {
             "Build information: always 1, labelled with the version",
             m.build_info.clone(),
         );
+        r.register(
+            "defrag",
+            "Scheduled defragmentations of the local etcd member, by result (skipped: not worth it or not safe now)",
+            m.defrags.clone(),
+        );
+        r.register_with_unit(
+            "defrag_last_timestamp",
+            "Unix time the local etcd member was last defragmented by this node",
+            Unit::Seconds,
+            m.defrag_last_timestamp.clone(),
+        );
+        r.register_with_unit(
+            "defrag_reclaimed",
+            "Bytes the last defragmentation of the local etcd member returned (its database file shrank by)",
+            Unit::Bytes,
+            m.defrag_reclaimed.clone(),
+        );
+        for result in [
+            DefragResult::Success,
+            DefragResult::Failure,
+            DefragResult::Skipped,
+        ] {
+            let _ = m.defrags.get_or_create(&DefragLabels { result });
+        }
         for result in [Outcome::Success, Outcome::Failure] {
             let l = ResultLabels { result };
             let _ = m.cycles.get_or_create(&l);
@@ -434,6 +495,9 @@ mod tests {
             "etcd_backup_db_size_bytes",
             "etcd_backup_config_reloads_total{result=\"success\"} 0",
             "etcd_backup_build_info{version=",
+            "etcd_backup_defrag_total{result=\"skipped\"} 0",
+            "etcd_backup_defrag_last_timestamp_seconds 0",
+            "etcd_backup_defrag_reclaimed_bytes 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -13,6 +13,7 @@
 //!   their own time bound.
 
 mod background;
+pub mod defrag;
 pub mod http;
 pub mod metrics;
 mod reload;
@@ -230,6 +231,8 @@ impl Daemon {
         .await?;
         let (rx, m, c) = (state_rx.clone(), metrics.clone(), cancel.clone());
         tasks.spawn("restore drill", background::run_drills(rx, m, c));
+        let (rx, m, c) = (state_rx.clone(), metrics.clone(), cancel.clone());
+        tasks.spawn("defragmentation", defrag::run_defrag(rx, m, c));
         let (m, r, c) = (metrics.clone(), readiness.clone(), cancel.clone());
         tasks.spawn(
             "metrics refresh",
@@ -453,6 +456,11 @@ impl Daemon {
         let source = EtcdSource::new(&st.config.etcd, &st.config.etcd.endpoints[0]);
         let (cancel, heartbeat) = (self.cancel.clone(), self.heartbeat.clone());
         let mut failed_task = None;
+        // Never while this member is being defragmented (waits for it to finish).
+        let member_gate =
+            crate::defrag::gate::MemberGate::in_spool_dir(&st.config.backup.spool_dir)
+                .for_snapshot(&cancel, || heartbeat.beat())
+                .await;
         let r = {
             let cycle = backup::run(CycleInput {
                 config: &st.config,
@@ -479,6 +487,7 @@ impl Daemon {
                 }
             }
         };
+        drop(member_gate);
         let outcome = self.report(&st, slot, &r, term.as_deref()).await;
         self.sched.finished(slot, outcome, Utc::now());
         if let Some((when, _)) = self.sched.planned_retry() {

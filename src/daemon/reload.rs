@@ -14,6 +14,12 @@ pub(super) struct State {
     pub(super) store: BackupStore,
 }
 
+impl AsRef<Config> for State {
+    fn as_ref(&self) -> &Config {
+        &self.config
+    }
+}
+
 impl State {
     pub(super) fn new(config: Config) -> Result<State, String> {
         let store = BackupStore::open(&config.storage, &config.backup.cluster_name)

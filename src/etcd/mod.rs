@@ -5,6 +5,7 @@
 //! member. Status is read through the same client, so the revision and sizes recorded in the
 //! manifest describe the member that served the snapshot.
 
+pub mod defrag;
 pub mod election;
 
 use crate::config::EtcdConfig;

@@ -9,6 +9,7 @@ mod support;
 
 mod cycle;
 mod daemon;
+mod defrag;
 mod election;
 mod encryption;
 mod faults;

@@ -249,10 +249,16 @@ fn readyz_says_why_when_etcd_is_unreachable() {
     let dead = format!("http://127.0.0.1:{}", support::free_port());
     let c = write_config(dir.path(), "n.toml", &dead, port, "0 0 1 1 *");
     let d = Daemon::start(&c, port);
-    support::wait_until("readyz to report etcd", Duration::from_secs(20), || {
-        d.get("/readyz")
-            .is_some_and(|(code, body)| code == 503 && body.contains("cannot reach etcd"))
-    });
+    // etcd and the store are checked one after the other: wait for both answers.
+    support::wait_until(
+        "readyz to report etcd down and the store checked",
+        Duration::from_secs(20),
+        || {
+            d.get("/readyz").is_some_and(|(code, body)| {
+                code == 503 && body.contains("cannot reach etcd") && !body.contains("not checked")
+            })
+        },
+    );
     let (_, body) = d.get("/readyz").unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["ready"], false);

@@ -333,6 +333,15 @@ impl EtcdCluster {
             .unwrap_or_default()
     }
 
+    /// Member `i`'s whole log (etcd's JSON lines).
+    pub fn log(&self, i: usize) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}.log", self.members[i].name));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// Every member's log tail.
     pub fn log_tail(&self) -> String {
         self.members
