@@ -6,8 +6,9 @@
 #     etcd-3.4.23/usr/bin/{etcd,etcdctl}      etcd 3.4.23 from Debian (unpacked, never installed)
 #     garage-2.5.0/bin/garage                 Garage 2.5.0 built from crates.io (~13 min once)
 #     prometheus/usr/bin/promtool             promtool from Debian (unpacked)
+#     cargo-deny-0.20.2/bin/cargo-deny        cargo-deny from crates.io (~5 min once; CI only)
 #
-# Usage: install-deps.sh [--no-garage] [--no-promtool] [--print-env]
+# Usage: install-deps.sh [--no-garage] [--no-promtool] [--with-cargo-deny] [--print-env]
 #   --print-env  only print the export lines the tests read, e.g.
 #                eval "$(bash scripts/install-deps.sh --print-env)"
 #
@@ -18,11 +19,13 @@ set -euo pipefail
 DEPS="${EB_DEPS_DIR:-$HOME/.cache/etcd-backup-deps}"
 WANT_GARAGE=1
 WANT_PROMTOOL=1
+WANT_DENY=0
 PRINT_ENV=0
 for a in "$@"; do
   case "$a" in
     --no-garage) WANT_GARAGE=0 ;;
     --no-promtool) WANT_PROMTOOL=0 ;;
+    --with-cargo-deny) WANT_DENY=1 ;;
     --print-env) PRINT_ENV=1 ;;
     *) echo "install-deps.sh: unknown argument $a" >&2; exit 2 ;;
   esac
@@ -34,6 +37,7 @@ print_env() {
   echo "export EB_ETCD_3423_DIR='$DEPS/etcd-3.4.23/usr/bin'"
   echo "export EB_GARAGE_BIN='$DEPS/garage-2.5.0/bin/garage'"
   echo "export EB_PROMTOOL='$DEPS/prometheus/usr/bin/promtool'"
+  echo "export EB_CARGO_DENY='$DEPS/cargo-deny-0.20.2/bin/cargo-deny'"
 }
 if [ "$PRINT_ENV" = 1 ]; then print_env; exit 0; fi
 
@@ -104,6 +108,12 @@ fi
 if [ "$WANT_GARAGE" = 1 ] && [ ! -x "$DEPS/garage-2.5.0/bin/garage" ]; then
   log "building Garage 2.5.0 from crates.io (about 13 minutes on 2 cores; cached afterwards)"
   cargo install garage --version 2.5.0 --locked --root "$DEPS/garage-2.5.0" --quiet
+fi
+
+# --- cargo-deny 0.20.2 (crates.io): licenses, bans and sources of the dependency tree ---
+if [ "$WANT_DENY" = 1 ] && [ ! -x "$DEPS/cargo-deny-0.20.2/bin/cargo-deny" ]; then
+  log "building cargo-deny 0.20.2 from crates.io (a few minutes on 2 cores; cached afterwards)"
+  cargo install cargo-deny --version 0.20.2 --locked --root "$DEPS/cargo-deny-0.20.2" --quiet
 fi
 
 log "ready (cache: $DEPS)"

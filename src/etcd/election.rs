@@ -126,11 +126,6 @@ impl Term {
         self.token
     }
 
-    /// This node's name.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// When this node became leader.
     pub fn since(&self) -> DateTime<Utc> {
         self.since

@@ -131,7 +131,8 @@ pub struct BackupStore {
 }
 
 /// Lists and aborts incomplete multipart uploads on S3 (object_store has no
-/// ListMultipartUploads; the request is signed with its own SigV4 signer).
+/// ListMultipartUploads): the request is signed by object_store's own SigV4 signer
+/// (`AwsAuthorizer`) and its XML answer read with quick-xml.
 struct S3Uploads {
     s3: Arc<object_store::aws::AmazonS3>,
     client: object_store::client::HttpClient,

@@ -405,9 +405,11 @@ fn a_round_shrinks_every_member_one_at_a_time_and_never_during_a_snapshot() {
             "successfully sent database snapshot to client",
         );
         if i == e {
-            // The catch-up backup, the slot's backup and the one-shot snapshot.
+            // The one-shot snapshot and at least one of the daemon's (the catch-up backup;
+            // the slot's backup may be taken by another node when the election moves while
+            // E's member is busy).
             assert!(
-                snaps.len() >= 3,
+                snaps.len() >= 2,
                 "member {i} served {} snapshots",
                 snaps.len()
             );
