@@ -110,7 +110,7 @@ impl SnapshotSource for FileSource {
 }
 
 struct Rig {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     spool: std::path::PathBuf,
     config: Config,
     objects: Arc<InMemory>,
@@ -134,7 +134,7 @@ fn rig(extra: &str) -> Rig {
     let objects = Arc::new(InMemory::new());
     let store = BackupStore::new(objects.clone(), "", "kubernetes", "memory://");
     Rig {
-        _dir: dir,
+        dir,
         spool,
         config,
         objects,
@@ -343,4 +343,55 @@ async fn a_stalled_member_times_the_cycle_out_and_leaves_nothing() {
     assert_eq!(e.kind, CycleErrorKind::TimedOut, "{e}");
     assert!(e.message.contains("did not finish within 2s"), "{e}");
     rig.assert_nothing_left().await;
+}
+
+#[tokio::test]
+async fn a_committed_backup_restores_byte_for_byte_and_a_tampered_one_is_refused() {
+    use crate::restore::{fetch_to_file, RestoreError};
+    use object_store::ObjectStoreExt as _;
+    let rig = rig("");
+    let bytes = fixture();
+    let report = rig
+        .run(
+            &FileSource::new(bytes.clone(), Behaviour::Whole),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let m = &report.manifest;
+    let out = rig.dir.path().join("restored.db");
+    let fetched = fetch_to_file(&rig.store, m, &out, None, None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.verify.revision, FIXTURE_REVISION);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    // Never over an existing file.
+    let e = fetch_to_file(&rig.store, m, &out, None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RestoreError::File { .. }), "{e}");
+
+    // The stored object replaced by another valid compression of other bytes: refused
+    // on its stored sha256, and nothing is written.
+    let key = rig.store.data_key(m).unwrap();
+    let other = zstd::encode_all(&bytes[..bytes.len() / 2], 1).unwrap();
+    rig.objects
+        .put(&object_store::path::Path::from(key), other.into())
+        .await
+        .unwrap();
+    let out2 = rig.dir.path().join("tampered.db");
+    let e = fetch_to_file(&rig.store, m, &out2, None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RestoreError::Corrupt { .. }), "{e}");
+    assert!(
+        !out2.exists(),
+        "nothing is left where the restore was to go"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(rig.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
