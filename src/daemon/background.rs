@@ -17,35 +17,15 @@ pub(super) async fn run_drills(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    'outer: loop {
-        let s = state.borrow_and_update().clone();
+    // The gauge follows every reload, also while waiting.
+    while let Some(s) = next_slot(&mut state, &cancel, |s: &State| {
         metrics
             .restore_drill_enabled
             .set(i64::from(s.config.drill.schedule.is_some()));
-        let next = s
-            .config
-            .drill
-            .schedule
-            .as_ref()
-            .and_then(|sched| sched.next_after(Utc::now()));
-        let Some(at) = next else {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                r = state.changed() => if r.is_err() { return } else { continue },
-            }
-        };
-        loop {
-            let now = Utc::now();
-            if now >= at {
-                break;
-            }
-            let wait = (at - now).to_std().unwrap_or_default().min(MAX_SLEEP);
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(wait) => {},
-                r = state.changed() => if r.is_err() { return } else { continue 'outer },
-            }
-        }
+        s.config.drill.schedule.as_ref()
+    })
+    .await
+    {
         tracing::info!("starting restore drill");
         let r = tokio::select! {
             () = cancel.cancelled() => return,
@@ -170,5 +150,36 @@ fn set_etcd(readiness: &Mutex<Readiness>, metrics: &Metrics, problem: Option<Str
     }
     if let Ok(mut r) = readiness.lock() {
         r.etcd = problem;
+    }
+}
+
+/// Waits for the next slot of the schedule `schedule` picks from the configuration in
+/// force; a reload starts over with the new configuration. The configuration at the slot,
+/// or `None` once `cancel` fires or the configuration channel closes.
+pub(super) async fn next_slot<S>(
+    state: &mut watch::Receiver<Arc<S>>,
+    cancel: &CancellationToken,
+    schedule: impl Fn(&S) -> Option<&crate::schedule::Schedule>,
+) -> Option<Arc<S>> {
+    'outer: loop {
+        let s = state.borrow_and_update().clone();
+        let Some(at) = schedule(&s).and_then(|sched| sched.next_after(Utc::now())) else {
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                r = state.changed() => if r.is_err() { return None } else { continue },
+            }
+        };
+        loop {
+            let now = Utc::now();
+            if now >= at {
+                return Some(s);
+            }
+            let wait = (at - now).to_std().unwrap_or_default().min(MAX_SLEEP);
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {},
+                r = state.changed() => if r.is_err() { return None } else { continue 'outer },
+            }
+        }
     }
 }

@@ -9,12 +9,8 @@ use crate::defrag::{self, gate::MemberGate, DefragInput, Outcome};
 use crate::units::human_bytes;
 use chrono::Utc;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// The longest single sleep before the slot is recomputed from the wall clock.
-const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// Runs scheduled defragmentations until `cancel`, with the configuration `state` holds
 /// (a reload takes effect from the next slot).
@@ -25,32 +21,12 @@ pub async fn run_defrag<S>(
 ) where
     S: AsRef<Config> + Send + Sync + 'static,
 {
-    'outer: loop {
-        let s = state.borrow_and_update().clone();
+    while let Some(s) = super::background::next_slot(&mut state, &cancel, |s: &S| {
+        s.as_ref().defrag.schedule.as_ref()
+    })
+    .await
+    {
         let config: &Config = (*s).as_ref();
-        let next = config
-            .defrag
-            .schedule
-            .as_ref()
-            .and_then(|sched| sched.next_after(Utc::now()));
-        let Some(at) = next else {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                r = state.changed() => if r.is_err() { return } else { continue },
-            }
-        };
-        loop {
-            let now = Utc::now();
-            if now >= at {
-                break;
-            }
-            let wait = (at - now).to_std().unwrap_or_default().min(MAX_SLEEP);
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(wait) => {},
-                r = state.changed() => if r.is_err() { return } else { continue 'outer },
-            }
-        }
         attempt(config, &metrics, &cancel).await;
     }
 }
