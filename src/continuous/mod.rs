@@ -12,3 +12,4 @@
 
 pub mod chain;
 pub mod segment;
+pub mod writer;

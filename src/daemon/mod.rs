@@ -12,6 +12,7 @@
 //! reload (it finishes with the configuration it started with) but is aborted cleanly on
 //! shutdown.
 
+pub mod continuous;
 pub mod http;
 pub mod metrics;
 
@@ -201,6 +202,15 @@ pub async fn run(config: Config) -> Result<(), String> {
         metrics.election_up.set(1);
         (None, None)
     };
+    let (committed_tx, committed_rx) = watch::channel(None);
+    let continuous = tokio::spawn(continuous::run(
+        state.config.clone(),
+        state.store.clone(),
+        roles.clone(),
+        committed_rx,
+        metrics.clone(),
+        cancel.clone(),
+    ));
     if let Some(w) = crate::config::permission_warning(&state.config.source) {
         tracing::warn!("{w}");
     }
@@ -369,6 +379,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         match &r {
             Ok(rep) => {
                 tracing::info!(id = %rep.manifest.id, revision = rep.manifest.revision, size = rep.manifest.size, stored_size = rep.manifest.stored_size, "scheduled backup committed");
+                committed_tx.send_replace(Some(rep.manifest.clone()));
                 last_result = format!(
                     "backup {} ok at {}",
                     rep.manifest.id,
@@ -426,6 +437,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
         let _ = refresher.await;
         let _ = driller.await;
+        let _ = continuous.await;
     };
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tasks)
         .await

@@ -6,6 +6,7 @@
 //! manifest describe the member that served the snapshot.
 
 pub mod election;
+pub mod watch;
 
 use crate::config::EtcdConfig;
 use bytes::Bytes;

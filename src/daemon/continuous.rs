@@ -1,0 +1,183 @@
+//! The continuous-backup task: while this node leads, it writes the segment chain of the
+//! newest committed snapshot (see `crate::continuous::writer`).
+
+use crate::config::Config;
+use crate::continuous::chain::SegmentManifest;
+use crate::continuous::writer::{self, Observer, Outcome, Settings};
+use crate::daemon::metrics::Metrics;
+use crate::etcd::election::{Role, Term};
+use crate::etcd::Member;
+use crate::store::manifest::{Encryption, Manifest};
+use crate::store::BackupStore;
+use chrono::Utc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Pause after a failed chain run before the next.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Observer for Metrics {
+    fn committed(&self, m: &SegmentManifest) {
+        self.continuous.segments.inc();
+        self.continuous.last_revision.set(m.last_revision);
+    }
+    fn failed(&self) {
+        self.continuous.segment_failures.inc();
+    }
+    fn gap(&self) {
+        self.continuous.gaps.inc();
+    }
+    fn lag(&self, seconds: f64) {
+        self.continuous.lag.set(seconds);
+    }
+}
+
+fn settings(config: &Config) -> Result<Settings, String> {
+    let recipients = crate::codec::crypt::parse_recipients(&config.encryption.recipients)
+        .map_err(|e| format!("[encryption] recipients: {e}"))?;
+    Ok(Settings {
+        interval: config.continuous.segment_interval,
+        max_bytes: config.continuous.max_segment_bytes,
+        compression: config.backup.compression,
+        level: config.backup.compression_level,
+        encryption: config.encryption.enabled().then(|| Encryption {
+            method: "age".into(),
+            recipients: config.encryption.recipients.clone(),
+        }),
+        recipients,
+        spool_dir: config.backup.spool_dir.clone(),
+        node: config.election.node_name.clone(),
+    })
+}
+
+/// The current term, waiting until this node leads; `None` on shutdown. Without an
+/// election (`roles` is `None`) this node always leads, with no term.
+async fn leading(
+    roles: &mut Option<watch::Receiver<Role>>,
+    cancel: &CancellationToken,
+) -> Option<Option<Arc<Term>>> {
+    let Some(rx) = roles else {
+        return (!cancel.is_cancelled()).then_some(None);
+    };
+    loop {
+        if let Some(t) = rx.borrow_and_update().term().cloned() {
+            if !t.has_ended() {
+                return Some(Some(t));
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            r = rx.changed() => if r.is_err() { return None },
+        }
+    }
+}
+
+/// Runs continuous backup until shutdown (returns at once when `[continuous]` is off).
+/// `committed` carries each snapshot the daemon commits.
+pub async fn run(
+    config: Config,
+    store: BackupStore,
+    mut roles: Option<watch::Receiver<Role>>,
+    mut committed: watch::Receiver<Option<Manifest>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    if !config.continuous.enabled {
+        return;
+    }
+    let settings = match settings(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "continuous backup cannot start");
+            return;
+        }
+    };
+    // The base that ended with a gap: wait for a newer snapshot than this.
+    let mut ended_at: Option<i64> = None;
+    while !cancel.is_cancelled() {
+        let Some(term) = leading(&mut roles, &cancel).await else {
+            return;
+        };
+        let r = async {
+            let member = Member::connect(&config.etcd, &config.etcd.endpoints[0])
+                .await
+                .map_err(|e| e.to_string())?;
+            let cluster_id = format!(
+                "{:016x}",
+                member.status().await.map_err(|e| e.to_string())?.cluster_id
+            );
+            let listed = store.list().await.map_err(|e| e.to_string())?;
+            let mut base = listed.latest(Utc::now(), &cluster_id).cloned();
+            let notified = committed.borrow_and_update().clone();
+            if let Some(n) = notified {
+                if base.as_ref().is_none_or(|b| n.revision > b.revision) {
+                    base = Some(n);
+                }
+            }
+            let Some(base) = base.filter(|b| ended_at.is_none_or(|e| b.revision > e)) else {
+                return Ok(None);
+            };
+            writer::run_chain(writer::Input {
+                member: &member,
+                store: &store,
+                settings: &settings,
+                base: &base,
+                term: term.as_deref(),
+                newer: &mut committed,
+                cancel: &cancel,
+                observer: metrics.as_ref(),
+            })
+            .await
+            .map(|o| Some((o, base.revision)))
+        }
+        .await;
+        match r {
+            Ok(Some((Outcome::Superseded, _))) => continue,
+            Ok(Some((Outcome::Stopped, _))) => {
+                // Shutdown, or the term ended: wait to lead again.
+                if let Some(t) = &term {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = t.lost().cancelled() => {},
+                    }
+                }
+            }
+            Ok(Some((Outcome::Ended, rev))) => ended_at = Some(rev),
+            Ok(None) => {
+                // No snapshot to continue from yet: wait for the next one.
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = committed.changed() => if r.is_err() { return },
+                }
+            }
+            Err(e) => {
+                metrics.continuous.segment_failures.inc();
+                tracing::warn!(error = %e, retry_in = ?RETRY_AFTER, "continuous backup interrupted; it continues from the last committed segment");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(RETRY_AFTER) => {},
+                }
+            }
+        }
+        if ended_at.is_some() {
+            // A new chain needs a newer snapshot than the one whose chain ended.
+            let wait = async {
+                loop {
+                    let newest = committed.borrow_and_update().as_ref().map(|m| m.revision);
+                    if newest.is_some_and(|n| ended_at.is_some_and(|e| n > e)) {
+                        return true;
+                    }
+                    if committed.changed().await.is_err() {
+                        return false;
+                    }
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                ok = wait => if !ok { return },
+            }
+        }
+    }
+}
