@@ -96,8 +96,21 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             cluster_id,
             no_bump,
             bump_revision,
+            to_revision,
+            to_time,
         } => {
             let cfg = Config::load(&config.config)?;
+            if to_revision.is_some() || to_time.is_some() {
+                return restore_point_in_time(
+                    &cfg,
+                    &backup,
+                    cluster_id,
+                    (to_revision, to_time.as_deref()),
+                    &output,
+                    identity.as_deref(),
+                )
+                .await;
+            }
             let member = data_dir.map(|dir| {
                 let name = name.unwrap_or_else(crate::config::hostname);
                 let peer = peer_url.unwrap_or_default();
@@ -388,6 +401,50 @@ async fn cluster_for(
             "{what} needs this cluster's id and etcd cannot be reached to learn it ({e}); pass --cluster-id ID (the CLUSTER ID column of `etcd-backup list`) to choose the cluster's backups explicitly"
         ))
     })
+}
+
+/// `restore --to-revision/--to-time`: replays the continuous-backup segments after the
+/// newest snapshot at or before the target and writes a verified snapshot at it.
+async fn restore_point_in_time(
+    cfg: &Config,
+    backup: &str,
+    cluster_id: Option<String>,
+    (to_revision, to_time): (Option<i64>, Option<&str>),
+    output: &std::path::Path,
+    identity: Option<&std::path::Path>,
+) -> Result<(), CommandError> {
+    use crate::continuous::replay;
+    if backup != "latest" {
+        return Err(failed(
+            "--to-revision and --to-time pick the snapshot themselves: leave out the backup id",
+        ));
+    }
+    let target = replay::target(to_revision, to_time).map_err(failed)?;
+    let store = open_store(cfg)?;
+    let cluster = cluster_for(cfg, cluster_id, "a point-in-time restore").await?;
+    let rep = replay::restore_to(cfg, &store, &cluster, target, output, identity)
+        .await
+        .map_err(|e| failed(format!("point-in-time restore failed: {e}")))?;
+    println!(
+        "restored revision {} into {} ({} bytes, {} live keys): snapshot {} at revision {} plus {} revisions from {} segments{}, in {:.1}s",
+        rep.revision,
+        output.display(),
+        rep.size,
+        rep.live_keys,
+        rep.base,
+        rep.base_revision,
+        rep.replayed,
+        rep.segments,
+        rep.observed_at
+            .map(|t| format!(" (last observed {})", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            .unwrap_or_default(),
+        rep.duration.as_secs_f64()
+    );
+    println!(
+        "next: etcdutl snapshot restore {} --bump-revision ... --mark-compacted (see the README's restore runbook)",
+        output.display()
+    );
+    Ok(())
 }
 
 /// Which backup a command was asked for.

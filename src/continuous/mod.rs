@@ -11,5 +11,6 @@
 //! sit on top of it.
 
 pub mod chain;
+pub mod replay;
 pub mod segment;
 pub mod writer;

@@ -225,6 +225,35 @@ impl Replayer {
             .collect())
     }
 
+    /// Streams a snapshot of the member (sha256 trailer included) into `out`; returns the
+    /// bytes written.
+    ///
+    /// # Errors
+    /// When the stream or the write fails.
+    pub async fn snapshot_to(&mut self, out: &mut tokio::fs::File) -> Result<u64, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut m = self.client.maintenance_client();
+        let mut stream = m
+            .snapshot()
+            .await
+            .map_err(|e| format!("{}: {}", self.shown, describe(&e)))?;
+        let mut n = 0u64;
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|e| format!("{}: snapshot stream: {}", self.shown, describe(&e)))?
+        {
+            out.write_all(msg.blob())
+                .await
+                .map_err(|e| format!("cannot write the snapshot: {e}"))?;
+            n += msg.blob().len() as u64;
+        }
+        out.flush()
+            .await
+            .map_err(|e| format!("cannot write the snapshot: {e}"))?;
+        Ok(n)
+    }
+
     /// A lease client, to keep the base snapshot's leases alive during the replay.
     pub fn lease_client(&self) -> LeaseClient {
         self.client.lease_client()
