@@ -74,6 +74,38 @@ async fn leading(
     }
 }
 
+/// Takes a snapshot now (a normal, fenced cycle) to start a new chain after a gap.
+async fn fresh_snapshot(
+    config: &Config,
+    store: &BackupStore,
+    term: Option<&Term>,
+    cancel: &CancellationToken,
+) -> Option<Manifest> {
+    tracing::info!("continuous backup: taking a snapshot now to start a new chain after the gap");
+    let source = crate::backup::source::EtcdSource::new(&config.etcd, &config.etcd.endpoints[0]);
+    let r = crate::backup::run(crate::backup::CycleInput {
+        config,
+        store,
+        source: &source,
+        cancel,
+        heartbeat: None,
+        progress: None,
+        term,
+        slot: None,
+    })
+    .await;
+    match r {
+        Ok(rep) => {
+            tracing::info!(id = %rep.manifest.id, revision = rep.manifest.revision, "snapshot for a new continuous chain committed");
+            Some(rep.manifest)
+        }
+        Err(e) => {
+            tracing::warn!(stage = %e.stage, error = %e.message, "the snapshot for a new chain failed; the chain restarts at the next scheduled snapshot");
+            None
+        }
+    }
+}
+
 /// Runs continuous backup until shutdown (returns at once when `[continuous]` is off).
 /// `committed` carries each snapshot the daemon commits.
 pub async fn run(
@@ -96,6 +128,8 @@ pub async fn run(
     };
     // The base that ended with a gap: wait for a newer snapshot than this.
     let mut ended_at: Option<i64> = None;
+    // A snapshot this task took itself to start a new chain after a gap.
+    let mut fresh: Option<Manifest> = None;
     while !cancel.is_cancelled() {
         let Some(term) = leading(&mut roles, &cancel).await else {
             return;
@@ -111,7 +145,7 @@ pub async fn run(
             let listed = store.list().await.map_err(|e| e.to_string())?;
             let mut base = listed.latest(Utc::now(), &cluster_id).cloned();
             let notified = committed.borrow_and_update().clone();
-            if let Some(n) = notified {
+            for n in notified.into_iter().chain(fresh.clone()) {
                 if base.as_ref().is_none_or(|b| n.revision > b.revision) {
                     base = Some(n);
                 }
@@ -144,7 +178,12 @@ pub async fn run(
                     }
                 }
             }
-            Ok(Some((Outcome::Ended, rev))) => ended_at = Some(rev),
+            Ok(Some((Outcome::Ended, rev))) => {
+                ended_at = Some(rev);
+                // A gap: start a new chain at once from a fresh snapshot rather than at
+                // the next scheduled one.
+                fresh = fresh_snapshot(&config, &store, term.as_deref(), &cancel).await;
+            }
             Ok(None) => {
                 // No snapshot to continue from yet: wait for the next one.
                 tokio::select! {
@@ -161,7 +200,10 @@ pub async fn run(
                 }
             }
         }
-        if ended_at.is_some() {
+        let fresh_is_newer = fresh
+            .as_ref()
+            .is_some_and(|f| ended_at.is_none_or(|e| f.revision > e));
+        if ended_at.is_some() && !fresh_is_newer {
             // A new chain needs a newer snapshot than the one whose chain ended.
             let wait = async {
                 loop {

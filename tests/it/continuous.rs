@@ -12,6 +12,33 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+fn start_daemon(config: &Path, log: &Path) -> support::ChildProc {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+    cmd.args(["run", "--config", config.to_str().unwrap()]);
+    cmd.env("RUST_LOG", "etcd_backup=debug");
+    support::ChildProc::spawn("etcd-backup", cmd, log)
+}
+
+fn restore_to(config: &Path, r: i64, out: &Path) -> std::process::Output {
+    support::etcd_backup(
+        &[
+            "restore",
+            "--config",
+            config.to_str().unwrap(),
+            "--to-revision",
+            &r.to_string(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+fn scrape(port: u16, name: &str) -> Option<f64> {
+    support::http_get(port, "/metrics", Duration::from_secs(2))
+        .and_then(|t| support::metric(&t, name))
+}
+
 fn write_config(path: &Path, endpoint: &str, dir: &Path, etcd_dir: &Path, port: u16) {
     std::fs::write(
         path,
@@ -119,10 +146,7 @@ fn restore_to_random_revisions_is_exact() {
     let etcd_dir = bins.etcd.parent().unwrap();
     write_config(&config, &cluster.client_url(0), dir.path(), etcd_dir, port);
     let log = dir.path().join("daemon.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
-    cmd.args(["run", "--config", config.to_str().unwrap()]);
-    cmd.env("RUST_LOG", "etcd_backup=debug");
-    let mut daemon = support::ChildProc::spawn("etcd-backup", cmd, &log);
+    let mut daemon = start_daemon(&config, &log);
     let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // The first start takes the missed slot's backup at once (the store is empty).
     support::wait_until("the first snapshot", Duration::from_secs(60), || {
@@ -172,18 +196,7 @@ fn restore_to_random_revisions_is_exact() {
     targets.push(last);
     for r in targets {
         let out = dir.path().join(format!("at-{r}.db"));
-        let o = support::etcd_backup(
-            &[
-                "restore",
-                "--config",
-                config.to_str().unwrap(),
-                "--to-revision",
-                &r.to_string(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let o = restore_to(&config, r, &out);
         assert!(
             o.status.success(),
             "restore --to-revision {r}: {}\n{}",
@@ -220,4 +233,106 @@ fn restore_to_random_revisions_is_exact() {
         assert!(got == want, "keys and values differ at revision {r}");
     }
     daemon.kill();
+}
+
+#[test]
+fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let cluster = EtcdCluster::start(&bins, 1);
+    cluster.put("/a", "0");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let port = support::free_port();
+    write_config(
+        &config,
+        &cluster.client_url(0),
+        dir.path(),
+        bins.etcd.parent().unwrap(),
+        port,
+    );
+    let log1 = dir.path().join("daemon1.log");
+    let mut daemon = start_daemon(&config, &log1);
+    support::wait_until("the continuous watch", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log1)
+            .unwrap_or_default()
+            .contains("continuous backup: watching")
+    });
+    for i in 0..10 {
+        cluster.put(&format!("/a/{i}"), "1");
+    }
+    let chained = dump_at(&cluster, None).1;
+    support::wait_until("the first chain", Duration::from_secs(30), || {
+        scrape(port, "etcd_backup_continuous_last_revision").is_some_and(|r| r as i64 >= chained)
+    });
+    // The daemon dies; writes go on and etcd compacts them away before it is back.
+    daemon.kill();
+    for i in 0..10 {
+        cluster.put(&format!("/b/{i}"), "2");
+    }
+    let compacted = dump_at(&cluster, None).1;
+    let o = cluster.etcdctl(0, &["compact", &compacted.to_string()]);
+    assert!(o.status.success(), "{}", support::text(&o));
+
+    let log2 = dir.path().join("daemon2.log");
+    let mut daemon = start_daemon(&config, &log2);
+    support::wait_until("the gap and a new chain", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log2)
+            .unwrap_or_default()
+            .contains("snapshot for a new continuous chain committed")
+    });
+    assert_eq!(scrape(port, "etcd_backup_continuous_gaps_total"), Some(1.0));
+    // The end of the first chain is recorded in the store, next to its snapshot.
+    let ends: Vec<_> = walk(&dir.path().join("store"))
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("end-"))
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    let end: serde_json::Value = serde_json::from_slice(&std::fs::read(&ends[0]).unwrap()).unwrap();
+    assert_eq!(end["last_revision"].as_i64(), Some(chained));
+    assert_eq!(end["compact_revision"].as_i64(), Some(compacted));
+
+    for i in 0..10 {
+        cluster.put(&format!("/c/{i}"), "3");
+    }
+    let last = dump_at(&cluster, None).1;
+    support::wait_until("the new chain", Duration::from_secs(30), || {
+        scrape(port, "etcd_backup_continuous_last_revision").is_some_and(|r| r as i64 >= last)
+    });
+    // Inside the gap: refused, saying what is covered.
+    let o = restore_to(&config, chained + 3, &dir.path().join("gap.db"));
+    assert!(!o.status.success());
+    assert!(
+        support::text(&o).contains("is not covered: it falls in a gap"),
+        "{}",
+        support::text(&o)
+    );
+    assert!(!dir.path().join("gap.db").exists());
+    // After it, exact.
+    let out = dir.path().join("after.db");
+    let o = restore_to(&config, last - 4, &out);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        support::text(&o),
+        daemon.log_tail(40)
+    );
+    let (want, _) = dump_at(&cluster, Some(last - 4));
+    let restored = restore_and_start(&bins, &out);
+    let (got, rev) = dump_at(&restored, None);
+    assert_eq!(rev, last - 4);
+    assert!(got == want, "keys and values differ");
+    daemon.kill();
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
