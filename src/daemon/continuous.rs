@@ -18,19 +18,57 @@ use tokio_util::sync::CancellationToken;
 /// Pause after a failed chain run before the next.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-impl Observer for Metrics {
+/// The writer's reports, turned into metrics. The lag keeps growing while no writer
+/// reports it (between chains, after a gap, while etcd or the store fails): the data-loss
+/// window grows then too.
+struct Tracker {
+    metrics: Arc<Metrics>,
+    /// When the lag was last reported, and the value reported.
+    last: std::sync::Mutex<Option<(std::time::Instant, f64)>>,
+}
+
+impl Tracker {
+    fn refresh(&self) {
+        let last = *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, lag)) = last {
+            let since = at.elapsed();
+            if since > Duration::from_secs(2) {
+                self.metrics.continuous.lag.set(lag + since.as_secs_f64());
+            }
+        }
+    }
+
+    /// Not leading: not this node's data-loss window.
+    fn idle(&self) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.metrics.continuous.lag.set(0.0);
+    }
+}
+
+impl Observer for Tracker {
     fn committed(&self, m: &SegmentManifest) {
-        self.continuous.segments.inc();
-        self.continuous.last_revision.set(m.last_revision);
+        self.metrics.continuous.segments.inc();
+        self.metrics.continuous.last_revision.set(m.last_revision);
     }
     fn failed(&self) {
-        self.continuous.segment_failures.inc();
+        self.metrics.continuous.segment_failures.inc();
     }
     fn gap(&self) {
-        self.continuous.gaps.inc();
+        self.metrics.continuous.gaps.inc();
     }
     fn lag(&self, seconds: f64) {
-        self.continuous.lag.set(seconds);
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), seconds));
+        self.metrics.continuous.lag.set(seconds);
     }
 }
 
@@ -126,14 +164,39 @@ pub async fn run(
             return;
         }
     };
+    let tracker = Arc::new(Tracker {
+        metrics: metrics.clone(),
+        last: std::sync::Mutex::new(None),
+    });
+    {
+        let (tracker, cancel) = (tracker.clone(), cancel.clone());
+        tokio::spawn(async move {
+            while !cancel.is_cancelled() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracker.refresh();
+            }
+        });
+    }
     // The base that ended with a gap: wait for a newer snapshot than this.
     let mut ended_at: Option<i64> = None;
     // A snapshot this task took itself to start a new chain after a gap.
     let mut fresh: Option<Manifest> = None;
     while !cancel.is_cancelled() {
+        let leads_now = roles.as_ref().is_none_or(|rx| rx.borrow().term().is_some());
+        if !leads_now {
+            tracker.idle();
+        }
         let Some(term) = leading(&mut roles, &cancel).await else {
             return;
         };
+        if tracker
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+        {
+            tracker.lag(0.0);
+        }
         let r = async {
             let member = Member::connect(&config.etcd, &config.etcd.endpoints[0])
                 .await
@@ -161,7 +224,7 @@ pub async fn run(
                 term: term.as_deref(),
                 newer: &mut committed,
                 cancel: &cancel,
-                observer: metrics.as_ref(),
+                observer: tracker.as_ref(),
             })
             .await
             .map(|o| Some((o, base.revision)))
@@ -171,6 +234,7 @@ pub async fn run(
             Ok(Some((Outcome::Superseded, _))) => continue,
             Ok(Some((Outcome::Stopped, _))) => {
                 // Shutdown, or the term ended: wait to lead again.
+                tracker.idle();
                 if let Some(t) = &term {
                     tokio::select! {
                         () = cancel.cancelled() => return,
