@@ -149,6 +149,8 @@ struct Open {
 }
 
 fn open_segment(s: &Settings, after: i64) -> io::Result<Open> {
+    // A node that has not run a cycle yet may not have the directory.
+    std::fs::create_dir_all(&s.spool_dir)?;
     let n: u64 = rand::random();
     let path = s.spool_dir.join(format!("segment-{after}-{n:016x}.spool"));
     let file = std::fs::OpenOptions::new()

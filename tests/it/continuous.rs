@@ -336,3 +336,123 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Writes (puts, overwrites, deletes, transactions) until `stop`; returns the count.
+async fn write_until(
+    endpoints: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let mut c = Client::connect(endpoints, None).await.unwrap();
+    let mut n = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let k = |i: usize| format!("/f/k{:02}", i % 30);
+        let r = match n % 4 {
+            0 | 1 => c.put(k(n * 7), format!("v{n}"), None).await.map(|_| ()),
+            2 => c.delete(k(n * 3), None).await.map(|_| ()),
+            _ => c
+                .txn(Txn::new().and_then(vec![
+                    TxnOp::put(k(n), format!("t{n}"), None),
+                    TxnOp::put(format!("/f/t{n}"), "x", None),
+                ]))
+                .await
+                .map(|_| ()),
+        };
+        // A write may fail while the cluster is busy; the check compares revisions, not counts.
+        if r.is_ok() {
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n
+}
+
+#[test]
+fn leader_failover_mid_writes_leaves_no_gap() {
+    use crate::support::fleet::{Fleet, FleetOptions};
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    // `etcd_extra` is inserted after the [etcd] keys: the tables below it are valid TOML.
+    let extra = format!(
+        "[continuous]\nenabled = true\nsegment_interval = \"1s\"\n[drill]\netcd_dir = \"{}\"\n",
+        bins.etcd.parent().unwrap().display()
+    );
+    let mut fleet = Fleet::start(&FleetOptions {
+        ttl: Duration::from_secs(3),
+        cron: "0 0 1 1 *".into(),
+        storage: None,
+        etcd_extra: extra,
+    });
+    let leader = fleet.wait_leader(&[0, 1, 2], Duration::from_secs(60));
+    support::wait_until("the first chain", Duration::from_secs(60), || {
+        fleet.log(leader).contains("continuous backup: watching")
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, eps) = (stop.clone(), fleet.cluster.client_urls());
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(write_until(eps, stop))
+        })
+    };
+    // Writes run while the leader dies (SIGKILL: no resignation) and another takes over.
+    support::wait_until(
+        "segments by the first leader",
+        Duration::from_secs(30),
+        || {
+            fleet
+                .gauge(leader, "etcd_backup_continuous_segments_total")
+                .is_some_and(|n| n >= 2.0)
+        },
+    );
+    let before_kill = dump_at(&fleet.cluster, None).1;
+    fleet.proc(leader).kill();
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let next = fleet.wait_leader(&others, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !fleet
+        .gauge(next, "etcd_backup_continuous_segments_total")
+        .is_some_and(|n| n >= 2.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new leader does not continue the chain:\n{}",
+            fleet.log(next)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    let last = dump_at(&fleet.cluster, None).1;
+    support::wait_until(
+        "the chain to reach the last write",
+        Duration::from_secs(60),
+        || {
+            fleet
+                .gauge(next, "etcd_backup_continuous_last_revision")
+                .is_some_and(|r| r as i64 >= last)
+        },
+    );
+    assert_eq!(
+        fleet.gauge(next, "etcd_backup_continuous_gaps_total"),
+        Some(0.0)
+    );
+    assert!(writes > 50, "only {writes} writes");
+    // One base, one chain: the new leader continued it (no second snapshot was needed).
+    assert_eq!(fleet.manifests().len(), 1);
+    let config = fleet.nodes[next].config.clone();
+    for r in [before_kill, (before_kill + last) / 2, last] {
+        let out = fleet.dir.path().join(format!("at-{r}.db"));
+        let o = restore_to(&config, r, &out);
+        assert!(
+            o.status.success(),
+            "restore --to-revision {r}: {}\n{}",
+            support::text(&o),
+            fleet.logs()
+        );
+        let (want, _) = dump_at(&fleet.cluster, Some(r));
+        let restored = restore_and_start(&bins, &out);
+        let (got, rev) = dump_at(&restored, None);
+        assert_eq!(rev, r);
+        assert!(got == want, "keys and values differ at revision {r}");
+    }
+}
