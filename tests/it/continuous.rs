@@ -52,7 +52,8 @@ fn write_config(path: &Path, endpoint: &str, dir: &Path, etcd_dir: &Path, port: 
     .unwrap();
 }
 
-/// Every key and value at revision `rev` (`None`: now), and the header revision.
+/// Every key with its value, create revision, mod revision and version at revision `rev`
+/// (`None`: now), and the header revision.
 fn dump_at(c: &EtcdCluster, rev: Option<i64>) -> (BTreeMap<String, Vec<u8>>, i64) {
     use base64::Engine;
     let rev_s = rev.map(|r| r.to_string());
@@ -70,9 +71,14 @@ fn dump_at(c: &EtcdCluster, rev: Option<i64>) -> (BTreeMap<String, Vec<u8>>, i64
             kvs.iter()
                 .map(|kv| {
                     let k = b64.decode(kv["key"].as_str().unwrap_or_default()).unwrap();
-                    let val = b64
+                    let mut val = b64
                         .decode(kv["value"].as_str().unwrap_or_default())
                         .unwrap();
+                    // The key's history too: create revision, mod revision, version.
+                    for f in ["create_revision", "mod_revision", "version"] {
+                        let n = kv[f].as_i64().unwrap();
+                        val.extend_from_slice(format!("|{f}={n}").as_bytes());
+                    }
                     (String::from_utf8_lossy(&k).into_owned(), val)
                 })
                 .collect()
@@ -455,4 +461,145 @@ fn leader_failover_mid_writes_leaves_no_gap() {
         assert_eq!(rev, r);
         assert!(got == want, "keys and values differ at revision {r}");
     }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `cargo test --release --test it continuous::measure -- --ignored --nocapture`: the lag
+/// under a steady load with the default 10 s segments, the daemon's RSS under a burst of
+/// 10⁵ revisions, and the time to restore them. Slow (minutes), so not part of CI; its
+/// restore is still checked for exactness.
+#[test]
+#[ignore = "a measurement: minutes long"]
+fn measure() {
+    let bins = EtcdBins::get(EtcdVersion::V3_5_1);
+    let cluster = EtcdCluster::start(&bins, 1);
+    cluster.put("/m", "0");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let port = support::free_port();
+    write_config(
+        &config,
+        &cluster.client_url(0),
+        dir.path(),
+        bins.etcd.parent().unwrap(),
+        port,
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("segment_interval = \"1s\"", "segment_interval = \"10s\"");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut daemon = start_daemon(&config, &log);
+    support::wait_until("the continuous watch", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("continuous backup: watching")
+    });
+    let pid = daemon.pid();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = cluster.client_url(0);
+    // Steady: about 200 writes/s for 40 s, one client.
+    let (lags, rss_steady) = {
+        let ep = ep.clone();
+        let h = rt.spawn(async move {
+            let mut c = Client::connect([ep], None).await.unwrap();
+            let start = std::time::Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < Duration::from_secs(40) {
+                c.put(format!("/s/{}", n % 1000), vec![b'x'; 512], None)
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        });
+        let mut lags = Vec::new();
+        let mut rss = 0;
+        while !h.is_finished() {
+            if let Some(l) = scrape(port, "etcd_backup_continuous_lag_seconds") {
+                lags.push(l);
+            }
+            rss = rss.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let n = rt.block_on(h).unwrap();
+        eprintln!("steady: {n} writes in 40 s ({:.0}/s)", n as f64 / 40.0);
+        (lags, rss)
+    };
+    let mut sorted = lags.clone();
+    sorted.sort_by(f64::total_cmp);
+    eprintln!(
+        "steady lag (10 s segments): median {:.1} s, p95 {:.1} s, max {:.1} s; daemon RSS max {} MiB",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() * 95 / 100],
+        sorted.last().unwrap(),
+        rss_steady / 1024
+    );
+    // Burst: 10⁵ revisions as fast as 16 clients write them, 1 KiB values.
+    let started = std::time::Instant::now();
+    let burst = {
+        let ep = ep.clone();
+        rt.spawn(async move {
+            let mut tasks = Vec::new();
+            for t in 0..16u64 {
+                let ep = ep.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = Client::connect([ep], None).await.unwrap();
+                    for i in 0..6250u64 {
+                        c.put(format!("/b/{t}/{}", i % 500), vec![b'y'; 1024], None)
+                            .await
+                            .unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+    };
+    let mut rss_burst = 0;
+    while !burst.is_finished() {
+        rss_burst = rss_burst.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt.block_on(burst).unwrap();
+    let wrote = started.elapsed();
+    let last = dump_at(&cluster, None).1;
+    let mut max_lag: f64 = 0.0;
+    support::wait_until("the chain to catch up", Duration::from_secs(600), || {
+        rss_burst = rss_burst.max(rss_kib(pid));
+        max_lag = max_lag.max(scrape(port, "etcd_backup_continuous_lag_seconds").unwrap_or(0.0));
+        scrape(port, "etcd_backup_continuous_last_revision").is_some_and(|r| r as i64 >= last)
+    });
+    eprintln!(
+        "burst: 100000 revisions written in {:.1} s ({:.0}/s); chain caught up {:.1} s after the start; max lag {max_lag:.1} s; daemon RSS max {} MiB",
+        wrote.as_secs_f64(),
+        100_000.0 / wrote.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        rss_burst / 1024
+    );
+    let out = dir.path().join("last.db");
+    let t = std::time::Instant::now();
+    let o = restore_to(&config, last, &out);
+    assert!(o.status.success(), "{}", support::text(&o));
+    eprintln!(
+        "restore of revision {last}: {:.1} s\n{}",
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let (want, _) = dump_at(&cluster, Some(last));
+    let restored = restore_and_start(&bins, &out);
+    let (got, rev) = dump_at(&restored, None);
+    assert_eq!(rev, last);
+    assert!(got == want);
+    daemon.kill();
 }
