@@ -17,7 +17,7 @@ LAYERS = [
     ["error", "units", "schedule", "progress", "systemd"],  # base
     ["codec", "verify", "config"],                           # core
     ["store", "etcd"],                                       # edges: all network I/O
-    ["backup", "restore", "retention", "defrag"],            # one operation each
+    ["backup", "restore", "retention", "defrag", "continuous"],  # one operation each
     ["daemon"],                                              # the service
     ["commands"],                                            # the entry points
 ]

@@ -18,13 +18,13 @@
 //! |---|---|---|
 //! | entry | [`commands`] (with [`commands::cli`]) | the subcommands: load, call, print |
 //! | service | [`daemon`] (scheduler loop, [`daemon::http`], [`daemon::metrics`]) | the long-running process |
-//! | paths | [`backup`] (the write path), [`restore`] (the read path, drills), [`retention`] (policy and prune), [`defrag`] (defragmenting the local member) | one operation each |
+//! | paths | [`backup`] (the write path), [`restore`] (the read path, drills), [`retention`] (policy and prune), [`defrag`] (defragmenting the local member), [`continuous`] (segments after a snapshot, point-in-time plans) | one operation each |
 //! | edges | [`store`] (object_store, key naming, manifests), [`etcd`] (etcd-client, election) | all network I/O |
 //! | core | [`config`], [`codec`], [`verify`] | configuration, byte transforms, the bbolt verifier |
 //! | base | [`error`], [`units`], [`schedule`], [`progress`], [`systemd`] | small shared pieces |
 //!
 //! Pure (decisions and formats, no I/O): [`config`] validation, [`store::naming`],
-//! [`store::manifest`], [`schedule`], [`retention`]'s plan, [`defrag::decide`], [`verify`] (over a file,
+//! [`store::manifest`], [`continuous::segment`], [`continuous::chain`], [`schedule`], [`retention`]'s plan, [`defrag::decide`], [`verify`] (over a file,
 //! read-only), [`codec`]. Only [`etcd`] uses etcd-client and only [`store`] uses
 //! object_store.
 
@@ -32,6 +32,7 @@ pub mod backup;
 pub mod codec;
 pub mod commands;
 pub mod config;
+pub mod continuous;
 pub mod daemon;
 pub mod defrag;
 pub mod error;

@@ -142,6 +142,15 @@ pub enum Command {
         /// when the backups show a cluster that writes faster).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         bump_revision: Option<u64>,
+        /// Point-in-time restore (`[continuous]`): replay the segments after the newest
+        /// snapshot at or before revision REV, so the snapshot written is exactly at REV.
+        /// Needs etcd and etcdutl (PATH or [drill] etcd_dir).
+        #[arg(long, value_name = "REV", conflicts_with_all = ["to_time", "data_dir"], value_parser = clap::value_parser!(i64).range(1..))]
+        to_revision: Option<i64>,
+        /// Point-in-time restore to the last revision observed at or before this moment
+        /// (RFC 3339, e.g. 2026-12-01T10:15:00Z).
+        #[arg(long, value_name = "RFC3339", conflicts_with = "data_dir")]
+        to_time: Option<String>,
     },
     /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
     Prune {

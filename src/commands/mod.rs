@@ -94,8 +94,21 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             cluster_id,
             no_bump,
             bump_revision,
+            to_revision,
+            to_time,
         } => {
             let cfg = Config::load(&config.config)?;
+            if to_revision.is_some() || to_time.is_some() {
+                return restore::restore_point_in_time(
+                    &cfg,
+                    &backup,
+                    cluster_id,
+                    (to_revision, to_time.as_deref()),
+                    &output,
+                    identity.as_deref(),
+                )
+                .await;
+            }
             let member = data_dir
                 .map(|dir| restore::RestoreMember::new(dir, name, peer_url, initial_cluster));
             let which = backups::Which {

@@ -86,6 +86,8 @@ pub struct Config {
     pub election: ElectionConfig,
     /// `[encryption]`
     pub encryption: EncryptionConfig,
+    /// `[continuous]`
+    pub continuous: ContinuousConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -345,6 +347,19 @@ pub struct DefragConfig {
 /// Default `[defrag] min_free_bytes`: 64 MiB.
 pub const DEFAULT_DEFRAG_MIN_FREE_BYTES: u64 = 64 << 20;
 
+/// Continuous backup: segments of watch events after each snapshot, for point-in-time
+/// restores (off by default).
+#[derive(Debug, Clone, Serialize)]
+pub struct ContinuousConfig {
+    /// Whether the leader writes segments.
+    pub enabled: bool,
+    /// A segment is sealed and stored at least this often while there are writes.
+    #[serde(with = "humantime_serde_compat")]
+    pub segment_interval: Duration,
+    /// A segment is sealed early once its encoded size reaches this many bytes.
+    pub max_segment_bytes: u64,
+}
+
 /// Which node takes the backups: the daemons elect one through an etcd lease.
 #[derive(Debug, Clone, Serialize)]
 pub struct ElectionConfig {
@@ -443,6 +458,15 @@ mod raw {
         pub defrag: Defrag,
         pub election: Election,
         pub encryption: Encryption,
+        pub continuous: Continuous,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Continuous {
+        pub enabled: Option<bool>,
+        pub segment_interval: Option<String>,
+        pub max_segment_bytes: Option<u64>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -805,6 +829,7 @@ impl Config {
         let defrag = Self::defrag_from_raw(raw.defrag, schedule.timezone, &mut p);
         let election = Self::election_from_raw(raw.election, &mut p);
         let encryption = Self::encryption_from_raw(raw.encryption, &mut p);
+        let continuous = Self::continuous_from_raw(raw.continuous, &mut p);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -818,6 +843,7 @@ impl Config {
                 defrag,
                 election,
                 encryption,
+                continuous,
                 source: path.to_path_buf(),
             })
         } else {
@@ -1209,6 +1235,27 @@ impl Config {
         }
     }
 
+    fn continuous_from_raw(r: raw::Continuous, p: &mut Problems) -> ContinuousConfig {
+        let segment_interval = p.duration_at_most(
+            "continuous.segment_interval",
+            r.segment_interval.as_deref(),
+            "10s",
+            Duration::from_secs(3600),
+        );
+        let max_segment_bytes = r.max_segment_bytes.unwrap_or(64 << 20);
+        if !(1 << 16..=1 << 32).contains(&max_segment_bytes) {
+            p.push(
+                "continuous.max_segment_bytes",
+                format!("{max_segment_bytes} is out of range (65536..=4294967296 bytes; the default is 67108864, 64 MiB)"),
+            );
+        }
+        ContinuousConfig {
+            enabled: r.enabled.unwrap_or(false),
+            segment_interval,
+            max_segment_bytes,
+        }
+    }
+
     fn drill_from_raw(r: raw::Drill, tz: Tz, p: &mut Problems) -> DrillConfig {
         let schedule = r
             .cron
@@ -1355,6 +1402,7 @@ impl Config {
             defrag: &'a DefragConfig,
             election: &'a ElectionConfig,
             encryption: &'a EncryptionConfig,
+            continuous: &'a ContinuousConfig,
         }
         #[derive(Serialize)]
         struct EtcdView<'a> {
@@ -1427,6 +1475,7 @@ impl Config {
             defrag: &self.defrag,
             election: &self.election,
             encryption: &self.encryption,
+            continuous: &self.continuous,
         };
         toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
@@ -1896,6 +1945,9 @@ mod tests {
         let c = Config::load_with_env(&path, Some(HashMap::new()))
             .unwrap_or_else(|e| panic!("config.example.toml: {e}"));
         assert_eq!(c.backup.compression, Compression::Zstd);
+        assert!(!c.continuous.enabled);
+        assert_eq!(c.continuous.segment_interval, Duration::from_secs(10));
+        assert_eq!(c.continuous.max_segment_bytes, 64 << 20);
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub struct Metrics {
     pub defrag_last_timestamp: FGauge,
     /// Bytes the last defragmentation returned to the file system.
     pub defrag_reclaimed: Gauge,
+    /// `[continuous]` segments.
+    pub continuous: ContinuousMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -226,6 +228,7 @@ impl Metrics {
             defrags: Family::default(),
             defrag_last_timestamp: FGauge::default(),
             defrag_reclaimed: Gauge::default(),
+            continuous: ContinuousMetrics::default(),
         };
         let r = &mut registry;
         r.register_with_unit(
@@ -339,6 +342,7 @@ impl Metrics {
             "Configuration reloads (SIGHUP), by result",
             m.config_reloads.clone(),
         );
+        m.continuous.register(r);
         r.register(
             "build_info",
             "Build information: always 1, labelled with the version",
@@ -448,6 +452,54 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Metrics of continuous backup (`[continuous]`).
+#[derive(Debug, Default, Clone)]
+pub struct ContinuousMetrics {
+    /// Seconds the oldest event not yet committed in a segment has waited (0 when every
+    /// event etcd reported is committed): the current data-loss window.
+    pub lag: FGauge,
+    /// Last revision committed in a segment.
+    pub last_revision: Gauge,
+    /// Segments committed.
+    pub segments: Counter,
+    /// Segments that failed to be written or committed.
+    pub segment_failures: Counter,
+    /// Chains ended by a gap (the watch was compacted past the chain, or it could not be
+    /// continued).
+    pub gaps: Counter,
+}
+
+impl ContinuousMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "continuous_lag",
+            "Seconds the oldest event not yet committed in a segment has waited: the current data-loss window of continuous backup",
+            Unit::Seconds,
+            self.lag.clone(),
+        );
+        r.register(
+            "continuous_last_revision",
+            "Last etcd revision committed in a continuous-backup segment",
+            self.last_revision.clone(),
+        );
+        r.register(
+            "continuous_segments",
+            "Continuous-backup segments committed by this node",
+            self.segments.clone(),
+        );
+        r.register(
+            "continuous_segment_failures",
+            "Continuous-backup segments that failed to be written or committed",
+            self.segment_failures.clone(),
+        );
+        r.register(
+            "continuous_gaps",
+            "Continuous-backup chains ended by a gap (events lost: the watch was compacted past the chain)",
+            self.gaps.clone(),
+        );
     }
 }
 

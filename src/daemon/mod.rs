@@ -13,6 +13,7 @@
 //!   their own time bound.
 
 mod background;
+pub mod continuous;
 pub mod defrag;
 pub mod http;
 pub mod metrics;
@@ -184,6 +185,10 @@ struct Daemon {
     newest: Option<Newest>,
     /// Uploads of failed cycles that could not be aborted (the store was unreachable).
     leftovers: Vec<String>,
+    /// Each committed snapshot, for the continuous-backup task.
+    committed: watch::Sender<Option<crate::store::manifest::Manifest>>,
+    /// The continuous-backup task while `[continuous] enabled`: its cancel token and id.
+    continuous: Option<(CancellationToken, tokio::task::Id)>,
 }
 
 impl Daemon {
@@ -285,7 +290,39 @@ impl Daemon {
             seen_term: None,
             newest: None,
             leftovers: Vec::new(),
+            committed: watch::channel(None).0,
+            continuous: None,
         })
+        .map(|mut d| {
+            d.start_continuous();
+            d
+        })
+    }
+
+    /// Starts continuous backup when `[continuous] enabled`, following the current election.
+    fn start_continuous(&mut self) {
+        if !self.state.config.continuous.enabled {
+            return;
+        }
+        let cancel = self.cancel.child_token();
+        let task = continuous::run(
+            self.state.config.clone(),
+            self.state.store.clone(),
+            self.election.as_ref().map(|e| e.roles.clone()),
+            self.committed.subscribe(),
+            self.metrics.clone(),
+            cancel.clone(),
+        );
+        let id = self.tasks.spawn("continuous backup", task);
+        self.continuous = Some((cancel, id));
+    }
+
+    /// Stops the continuous-backup task on purpose (before a reload restarts it).
+    fn stop_continuous(&mut self) {
+        if let Some((cancel, id)) = self.continuous.take() {
+            self.tasks.retire(id);
+            cancel.cancel();
+        }
     }
 
     /// The work loop: until shutdown, or until a background task fails.
@@ -399,6 +436,9 @@ impl Daemon {
                 }
             }
         }
+        // Continuous backup follows the new configuration and election: stopped here, before
+        // the election it watches may end, and started again below.
+        self.stop_continuous();
         if !reload::same_election(&self.state.config, &new.config) {
             if let Some(old) = self.election.take() {
                 tracing::info!(election = %old.name, "the election's identity changed: leaving the old election");
@@ -415,6 +455,7 @@ impl Daemon {
             }
         }
         self.state = new;
+        self.start_continuous();
         set_schedule_metric(&self.metrics, &self.state.config.schedule.parsed);
         let _ = self.state_tx.send(self.state.clone());
         self.sched.set_schedule(
@@ -535,6 +576,7 @@ impl Daemon {
         match r {
             Ok(rep) => {
                 tracing::info!(id = %rep.manifest.id, revision = rep.manifest.revision, size = rep.manifest.size, stored_size = rep.manifest.stored_size, "scheduled backup committed");
+                self.committed.send_replace(Some(rep.manifest.clone()));
                 self.last_result = format!(
                     "backup {} ok at {}",
                     rep.manifest.id,

@@ -7,6 +7,7 @@
 
 pub mod defrag;
 pub mod election;
+pub mod watch;
 
 use crate::config::EtcdConfig;
 use bytes::Bytes;

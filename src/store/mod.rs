@@ -390,6 +390,36 @@ impl BackupStore {
         Ok(())
     }
 
+    /// Writes a small object whole (a segment manifest, a chain-end record).
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the store refuses.
+    pub async fn put_small(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .put(&ObjPath::from(key), PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.err("writing", key, &e))?;
+        Ok(())
+    }
+
+    /// The keys under `dir` (a directory key ending in `/`), in one paginated listing.
+    ///
+    /// # Errors
+    /// [`StoreError::Request`] when the listing fails.
+    pub async fn list_keys(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = dir.trim_end_matches('/');
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&ObjPath::from(prefix)))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", dir, &e))?;
+        Ok(objects
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .collect())
+    }
+
     /// Deletes one object; a missing object counts as deleted.
     ///
     /// # Errors

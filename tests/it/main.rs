@@ -7,6 +7,7 @@
 
 mod support;
 
+mod continuous;
 mod cycle;
 mod daemon;
 mod defrag;
