@@ -324,6 +324,15 @@ impl EtcdCluster {
             .unwrap_or_default()
     }
 
+    /// Member `i`'s whole log so far.
+    pub fn log_text(&self, i: usize) -> String {
+        let log = self
+            .dir
+            .path()
+            .join(format!("{}.log", self.members[i].name));
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+
     /// Every member's log tail.
     pub fn log_tail(&self) -> String {
         self.members
