@@ -480,6 +480,25 @@ mod tests {
     }
 
     #[test]
+    fn a_cycle_records_how_long_etcd_was_held() {
+        let m = Metrics::new();
+        let report = crate::backup::CycleReport {
+            manifest: crate::store::manifest::sample("20260102T030405Z-0a1b2c", chrono::Utc::now()),
+            times: crate::backup::StageTimes {
+                stream: std::time::Duration::from_millis(1500),
+                ..Default::default()
+            },
+        };
+        m.observe_cycle(&Ok(report));
+        let text = m.encode(1.0);
+        assert!(
+            text.contains("etcd_backup_snapshot_stream_seconds_count 1")
+                && text.contains("etcd_backup_snapshot_stream_seconds_sum 1.5"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn age_is_computed_at_scrape_time() {
         let m = Metrics::new();
         m.last_success_timestamp.set(900.0);
