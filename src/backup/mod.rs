@@ -1,11 +1,15 @@
 //! One backup cycle, as ordered stages:
 //!
 //! 1. **snapshot**: connect to the one local member, read its status (revision, DB size),
-//!    open the snapshot stream; chunks flow through the pipeline thread (trailer check,
-//!    spool copy, compression) to the uploader while they arrive;
+//!    open the snapshot stream and write it to the spool file (trailer check, sha256) as
+//!    fast as etcd sends it and the disk takes it. Compression, encryption and the upload
+//!    follow the spool file as it grows, so they overlap with the stream on a fast link,
+//!    and a slow link never holds etcd's read transaction: the stream ends at disk speed;
 //! 2. **verify**: the trailer must match, and the spooled file must pass the bbolt/etcd
-//!    verifier, with a revision not lower than the one observed before the snapshot;
-//! 3. **upload**: only then is the multipart upload completed;
+//!    verifier, with a revision not lower than the one observed before the snapshot. It
+//!    runs as soon as the stream has ended, while the upload finishes from the spool;
+//! 3. **upload**: once every byte is uploaded and the snapshot verified, the multipart
+//!    upload is completed;
 //! 4. **commit**: the manifest is written last. A backup exists only once it is.
 //!
 //! With an election, the leadership is checked (fencing) before the snapshot, before the
@@ -15,6 +19,7 @@
 //! Every way out before the commit — an error, the cycle timeout, cancellation — aborts the
 //! multipart upload and removes the spool file, so a failed cycle leaves nothing behind.
 
+pub mod pace;
 pub mod pipeline;
 pub mod source;
 pub mod spool;
@@ -31,7 +36,7 @@ use crate::store::{BackupStore, Upload};
 use crate::systemd::Heartbeat;
 use crate::verify::{self, VerifyOptions, VerifyReport};
 use chrono::{DateTime, Utc};
-use pipeline::{PipelineError, PipelineReport};
+use pipeline::{PipelineError, PipelineReport, SpoolProgress};
 use source::SnapshotSource;
 use spool::SpoolFile;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,11 +47,16 @@ use tokio_util::sync::CancellationToken;
 /// Durations of a successful cycle's stages.
 #[derive(Debug, Clone, Default)]
 pub struct StageTimes {
-    /// Connect, status and the whole stream (compression and upload overlap with it).
+    /// How long etcd's snapshot stream was held: from opening it to its last byte (etcd
+    /// keeps a read transaction open for this long).
+    pub stream: Duration,
+    /// Connect, status and the whole stream, until it is on disk and its trailer checked
+    /// (compression and upload overlap with it).
     pub snapshot: Duration,
-    /// The verifier pass over the spooled file.
+    /// The verifier pass over the spooled file (it overlaps with the upload's end).
     pub verify: Duration,
-    /// Completing the upload (the last part).
+    /// From the end of the stream until the upload is completed: what compression and the
+    /// link had left to do, and the last part.
     pub upload: Duration,
     /// Writing the manifest.
     pub commit: Duration,
@@ -187,17 +197,25 @@ async fn stages(
     db_size: &AtomicU64,
 ) -> Result<CycleReport, CycleError> {
     let snap = snapshot(input, upload_slot, db_size).await?;
-    let (report, verify_time) = verify(&snap).await?;
-    let upload_time = upload(input, upload_slot, &snap.data_key).await?;
+    upload(input, upload_slot, &snap.data_key).await?;
+    let upload_time = snap.spooled_at.elapsed();
     let t = Instant::now();
-    let manifest = commit(input, &snap, report).await?;
+    let manifest = commit(input, &snap).await?;
     let commit_time = t.elapsed();
-    tracing::info!(stage = "commit", duration_ms = commit_time.as_millis() as u64, id = %manifest.id, "manifest written; backup committed");
+    tracing::info!(
+        stage = "commit",
+        duration_ms = commit_time.as_millis() as u64,
+        id = %manifest.id,
+        stream_ms = snap.stream_time.as_millis() as u64,
+        cycle_ms = snap.started.elapsed().as_millis() as u64,
+        "manifest written; backup committed"
+    );
     Ok(CycleReport {
         manifest,
         times: StageTimes {
+            stream: snap.stream_time,
             snapshot: snap.time,
-            verify: verify_time,
+            verify: snap.verify_time,
             upload: upload_time,
             commit: commit_time,
         },
@@ -210,20 +228,32 @@ struct Snapshot {
     started_at: DateTime<Utc>,
     /// The member's status just before the snapshot.
     status: MemberStatus,
-    /// The spooled raw snapshot, removed when this is dropped.
-    spool: SpoolFile,
+    /// The spooled raw snapshot, held until the cycle ends and removed then.
+    _spool: SpoolFile,
     /// Key of the (still incomplete) data object.
     data_key: String,
     piped: PipelineReport,
+    /// The verifier's report.
+    report: VerifyReport,
+    /// When the cycle started.
+    started: Instant,
+    /// Connect, status and stream, until the stream was on disk.
     time: Duration,
+    /// How long etcd's stream was held.
+    stream_time: Duration,
+    /// When the stream was on disk (the upload went on from there).
+    spooled_at: Instant,
+    verify_time: Duration,
 }
 
 fn snap_err(e: &dyn std::fmt::Display) -> CycleError {
     CycleError::new(Stage::Snapshot, e)
 }
 
-/// Stage 1: the member's status, then its snapshot stream through the pipeline (trailer
-/// check, sha256, spool copy, compression, encryption) into a new multipart upload.
+/// Stage 1: the member's status, then its snapshot stream through the pipeline (spool copy,
+/// trailer check, sha256; compression and encryption following the spool) into a new
+/// multipart upload. Stage 2, the verifier, runs as soon as the stream is on disk, while
+/// the upload goes on; this returns once both are done.
 async fn snapshot(
     input: &CycleInput<'_>,
     upload_slot: &mut Option<Upload>,
@@ -277,41 +307,80 @@ async fn snapshot(
     if let Some(p) = input.progress {
         p.set_total(size + pipeline::TRAILER_LEN as u64);
     }
-    let piped = stream(input, spool_file, spool.path(), recipients, upload).await?;
-    let time = t0.elapsed();
+    let streamed = stream(
+        input,
+        spool_file,
+        spool.path(),
+        recipients,
+        upload,
+        status.revision,
+        t0,
+    )
+    .await?;
     tracing::info!(
-        stage = "snapshot",
-        duration_ms = time.as_millis() as u64,
-        size = piped.raw.size,
-        stored_size = piped.stored_size,
-        "snapshot streamed, sha256 trailer verified"
+        stage = "upload",
+        duration_ms = streamed.spooled_at.elapsed().as_millis() as u64,
+        stored_size = streamed.piped.stored_size,
+        "every part uploaded"
     );
     Ok(Snapshot {
         id,
         started_at,
         status,
-        spool,
+        _spool: spool,
         data_key,
-        piped,
-        time,
+        piped: streamed.piped,
+        report: streamed.report,
+        started: t0,
+        time: streamed.spooled_at - t0,
+        stream_time: streamed.stream_time,
+        spooled_at: streamed.spooled_at,
+        verify_time: streamed.verify_time,
     })
 }
 
-/// Moves the snapshot stream through the pipeline thread into the upload, all three at
-/// once. The first error is the root cause: a broken stream or a failed upload stops the
-/// pipeline, whose own error would only say that its input or output went away.
+/// What [`stream`] hands back.
+struct Streamed {
+    piped: PipelineReport,
+    report: VerifyReport,
+    stream_time: Duration,
+    spooled_at: Instant,
+    verify_time: Duration,
+}
+
+/// Stops the pipeline's threads when the cycle leaves [`stream`] by any way.
+struct StopOnDrop(std::sync::Arc<SpoolProgress>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Moves the snapshot stream into the spool file, and from there (following it as it grows)
+/// through compression and encryption into the upload; once the stream is on disk, runs the
+/// verifier while the upload goes on. The first error ends it all: the others only say that
+/// their input or output went away. The error kinds rank by cause: a broken stream or a
+/// failed upload stop the pipeline, whose own error is then a consequence.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     input: &CycleInput<'_>,
     spool_file: std::fs::File,
     spool_path: &std::path::Path,
     recipients: Vec<age::x25519::Recipient>,
     upload: &mut Upload,
-) -> Result<PipelineReport, CycleError> {
+    revision_before: i64,
+    cycle_started: Instant,
+) -> Result<Streamed, CycleError> {
+    let opened = Instant::now();
     let mut chunks = input.source.snapshot().await.map_err(|e| snap_err(&e))?;
     let progress = input.progress;
     let (raw_tx, raw_rx) = mpsc::channel(pipeline::RAW_QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<bytes::Bytes>(pipeline::OUT_QUEUE);
-    let spool_path = spool_path.to_path_buf();
+    let (spooled_tx, spooled_rx) = tokio::sync::oneshot::channel();
+    let spool_progress = SpoolProgress::new();
+    let _stop = StopOnDrop(spool_progress.clone());
+    let path = spool_path.to_path_buf();
     let (compression, level) = (
         input.config.backup.compression,
         input.config.backup.compression_level,
@@ -320,13 +389,16 @@ async fn stream(
         pipeline::run(
             raw_rx,
             spool_file,
-            &spool_path,
+            &path,
             compression,
             level,
             &recipients,
             out_tx,
+            &spool_progress,
+            spooled_tx,
         )
     });
+    // etcd's side: ends, and releases etcd's read transaction, at disk speed.
     let read = async move {
         while let Some(chunk) = chunks.next_chunk().await.map_err(|e| snap_err(&e))? {
             if let Some(p) = progress {
@@ -337,11 +409,20 @@ async fn stream(
                 break;
             }
         }
-        Ok::<(), CycleError>(())
+        Ok::<Duration, CycleError>(opened.elapsed())
     };
-    // Owns the receiver: if the upload fails, dropping it stops the pipeline thread.
+    // Owns the receiver: if the upload fails, dropping it stops the pipeline.
+    let mut pacer = input
+        .config
+        .storage
+        .requests
+        .max_upload_rate
+        .map(pace::Pacer::new);
     let send = async move {
         while let Some(chunk) = out_rx.recv().await {
+            if let Some(p) = &mut pacer {
+                p.pace(chunk.len()).await;
+            }
             upload
                 .put(chunk)
                 .await
@@ -355,21 +436,53 @@ async fn stream(
             .map_err(|e| CycleError::new(Stage::Snapshot, format!("pipeline thread failed: {e}")))?
             .map_err(|e| match e {
                 PipelineError::Trailer(t) => CycleError::new(Stage::Verify, t),
-                PipelineError::Spool { .. } => CycleError::new(Stage::Snapshot, e),
+                PipelineError::Spool { .. } | PipelineError::Stopped => {
+                    CycleError::new(Stage::Snapshot, e)
+                }
                 PipelineError::Compress(_) => CycleError::new(Stage::Upload, e),
             })
     };
-    let (read_r, send_r, process_r) = tokio::join!(read, send, process);
-    read_r?;
-    send_r?;
-    process_r
+    // Once the whole stream is on disk, its trailer checked: the verifier, while the upload
+    // goes on. Without the signal the stream failed, and `process` says how.
+    let check = async {
+        let Ok(raw) = spooled_rx.await else {
+            return Ok(None);
+        };
+        let spooled_at = Instant::now();
+        tracing::info!(
+            stage = "snapshot",
+            duration_ms = (spooled_at - cycle_started).as_millis() as u64,
+            stream_ms = opened.elapsed().as_millis() as u64,
+            size = raw.size,
+            "snapshot streamed to the spool, sha256 trailer verified; etcd is released"
+        );
+        let (report, time) = verify(spool_path, revision_before).await?;
+        Ok::<_, CycleError>(Some((report, time, spooled_at)))
+    };
+    let (stream_time, (), piped, checked) = tokio::try_join!(read, send, process, check)?;
+    let Some((report, verify_time, spooled_at)) = checked else {
+        return Err(CycleError::new(
+            Stage::Verify,
+            "the pipeline finished without its trailer check (a bug: please report it)",
+        ));
+    };
+    Ok(Streamed {
+        piped,
+        report,
+        stream_time,
+        spooled_at,
+        verify_time,
+    })
 }
 
 /// Stage 2: the verifier over the spooled file; the snapshot must not be older than the
 /// member's revision before it started.
-async fn verify(snap: &Snapshot) -> Result<(VerifyReport, Duration), CycleError> {
+async fn verify(
+    spool: &std::path::Path,
+    revision_before: i64,
+) -> Result<(VerifyReport, Duration), CycleError> {
     let t = Instant::now();
-    let path = snap.spool.path().to_path_buf();
+    let path = spool.to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
         verify::verify_file(
             &path,
@@ -381,12 +494,12 @@ async fn verify(snap: &Snapshot) -> Result<(VerifyReport, Duration), CycleError>
     .await
     .map_err(|e| CycleError::new(Stage::Verify, format!("verifier thread failed: {e}")))?
     .map_err(|e| CycleError::new(Stage::Verify, e))?;
-    if report.revision < snap.status.revision {
+    if report.revision < revision_before {
         return Err(CycleError::new(
             Stage::Verify,
             format!(
                 "the snapshot's revision {} is lower than the member's revision {} before the snapshot started: the member served stale data; check its health and whether it is a learner or partitioned",
-                report.revision, snap.status.revision
+                report.revision, revision_before
             ),
         ));
     }
@@ -426,12 +539,8 @@ async fn upload(
 
 /// Stage 4: writes the manifest, the commit marker. When that fails the complete but
 /// uncommitted data object is removed, so nothing half-done stays.
-async fn commit(
-    input: &CycleInput<'_>,
-    snap: &Snapshot,
-    report: VerifyReport,
-) -> Result<Manifest, CycleError> {
-    let manifest = manifest(input, snap, &report);
+async fn commit(input: &CycleInput<'_>, snap: &Snapshot) -> Result<Manifest, CycleError> {
+    let manifest = manifest(input, snap, &snap.report);
     let committed = match fence(input.term, Stage::Commit, "before writing the manifest").await {
         Ok(()) => input
             .store
@@ -488,6 +597,7 @@ fn manifest(input: &CycleInput<'_>, snap: &Snapshot, report: &VerifyReport) -> M
         },
         started_at: snap.started_at,
         finished_at: Utc::now(),
+        stream_seconds: Some(snap.stream_time.as_secs_f64()),
         node: cfg.election.node_name.clone(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         slot: input.slot,

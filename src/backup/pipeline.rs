@@ -1,29 +1,38 @@
-//! The streaming part of a cycle: snapshot chunks in; a spool copy, the raw sha256 and the
-//! trailer check, and compressed chunks for the uploader out.
+//! The streaming part of a cycle, spool first: the snapshot stream goes to the spool file as
+//! fast as etcd sends it and the disk takes it; compression, encryption and the upload read
+//! the spool as it grows.
 //!
 //! ```text
-//! etcd stream ──chan──▶ [pipeline thread] ──chan──▶ uploader (multipart parts)
-//!                         ├─chan─▶ [spool thread] trailer check + sha256 of the raw file,
-//!                         │                      spool file (for the verifier)
-//!                         └─ compressor ─▶ [age encryption] ─▶ stored sha256 + size
+//! etcd stream ──chan──▶ [spool thread] trailer check + sha256 of the raw file,
+//!                            │            batched writes to the spool file
+//!                            ▼ (published length)
+//!                       spool file ──▶ [follower thread] reads what is written, compresses,
+//!                                       [age encryption], stored sha256 + size ──chan──▶ uploader
 //! ```
 //!
-//! Channels are bounded, so memory stays flat whatever the database size: at most
-//! `RAW_QUEUE` + `SPOOL_QUEUE` snapshot chunks, one output chunk being filled, `OUT_QUEUE`
-//! output chunks waiting, and the uploader's parts in flight.
+//! The follower never waits for the end of the stream: on a fast link it runs right behind
+//! the spool writer, as the coupled pipeline did; on a slow link it falls behind and the
+//! stream (and etcd's read transaction) still ends at disk speed. The upload then finishes
+//! from the spool.
+//!
+//! Memory stays flat whatever the database size: at most `RAW_QUEUE` snapshot chunks and one
+//! `WRITE_BATCH` of them waiting to be written, one `READ_CHUNK` read buffer, one output chunk
+//! being filled, `OUT_QUEUE` output chunks waiting, and the uploader's parts in flight.
 
 use crate::codec::compress::Compression;
 use crate::codec::crypt::Sealer;
 use crate::codec::digest::Sha256;
 use bytes::Bytes;
-use std::io::{self, Write};
-use tokio::sync::mpsc;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
-/// Snapshot chunks (32 KiB each from etcd) queued for the pipeline thread.
+/// Snapshot chunks (32 KiB each from etcd) queued for the spool thread.
 pub const RAW_QUEUE: usize = 64;
-/// Snapshot chunks queued for the spool thread. Small: the compressor may run only a little
-/// ahead of the spool.
-pub const SPOOL_QUEUE: usize = 8;
+/// The spool thread writes at most this much at once (one `writev` of queued chunks).
+pub const WRITE_BATCH: usize = 1024 * 1024;
+/// The follower reads the spool in blocks of this size.
+pub const READ_CHUNK: usize = 1024 * 1024;
 /// Compressed chunks queued for the uploader.
 pub const OUT_QUEUE: usize = 4;
 /// Size of the chunks handed to the uploader.
@@ -175,7 +184,7 @@ impl Write for ChunkSink {
     }
 }
 
-/// What the pipeline thread produced.
+/// What the pipeline produced.
 #[derive(Debug, Clone)]
 pub struct PipelineReport {
     /// The raw snapshot's size and sha256 (trailer checked).
@@ -186,10 +195,10 @@ pub struct PipelineReport {
     pub stored_sha256: [u8; 32],
 }
 
-/// Why the pipeline thread failed.
+/// Why the pipeline failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// Writing the spool file failed (disk full, permissions).
+    /// Writing or reading back the spool file failed (disk full, permissions).
     #[error("writing the spool file {path} failed: {source}; check free space and permissions of backup.spool_dir")]
     Spool {
         /// The spool file.
@@ -203,59 +212,160 @@ pub enum PipelineError {
     /// The trailer check failed.
     #[error(transparent)]
     Trailer(#[from] TrailerError),
+    /// The other half of the pipeline (or the cycle) stopped it; the other half's error,
+    /// or the cycle's, is the one to report.
+    #[error("the pipeline was stopped")]
+    Stopped,
+}
+
+/// How far the spool file is written, shared by the spool writer and its follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spooled {
+    /// Still being written; this many bytes are in the file.
+    Growing(u64),
+    /// Complete and trailer-checked, this many bytes.
+    Complete(u64),
+    /// The stream failed (its error is reported by whoever saw it): readers stop.
+    Failed,
+}
+
+/// The spool file's progress, and the way to stop both threads of the pipeline.
+#[derive(Debug)]
+pub struct SpoolProgress {
+    state: Mutex<(Spooled, bool)>,
+    changed: Condvar,
+}
+
+impl Default for SpoolProgress {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((Spooled::Growing(0), false)),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl SpoolProgress {
+    /// A new, empty spool.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn set(&self, s: Spooled) {
+        let mut g = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 = s;
+        self.changed.notify_all();
+    }
+
+    /// Stops both threads at their next step (the cycle failed or is being dropped).
+    pub fn stop(&self) {
+        let mut g = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1 = true;
+        self.changed.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+    }
+
+    /// Waits until the file holds more than `pos` bytes or is complete: `Ok(Some(len))`
+    /// with the readable length, `Ok(None)` at the end of a complete file.
+    fn wait_beyond(&self, pos: u64) -> Result<Option<u64>, PipelineError> {
+        let mut g = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if g.1 {
+                return Err(PipelineError::Stopped);
+            }
+            match g.0 {
+                Spooled::Failed => return Err(PipelineError::Stopped),
+                Spooled::Complete(n) if n <= pos => return Ok(None),
+                Spooled::Complete(n) | Spooled::Growing(n) if n > pos => return Ok(Some(n)),
+                _ => {}
+            }
+            g = self
+                .changed
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 /// Runs on a blocking thread: consumes snapshot chunks until the channel closes, writing
-/// the spool file, checking the trailer and compressing into `out`.
+/// the spool file and checking the trailer, while a scoped follower thread reads the spool
+/// as it grows and compresses (and encrypts) it into `out`.
 ///
-/// The work is split over two threads so that it overlaps: this one compresses (and
-/// encrypts), a scoped helper checks the trailer and writes the spool file. Chunks are
-/// shared (`Bytes`), never copied, and the helper's queue is bounded like the others.
+/// `spooled` receives the checked digest as soon as the whole stream is on disk (before the
+/// follower is done): the verifier can start then. `progress` is shared with the caller,
+/// which stops both threads with [`SpoolProgress::stop`] when the cycle fails elsewhere.
 ///
 /// # Errors
 /// [`PipelineError`] on the first failure; the caller aborts the upload.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
-    mut rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
     spool: std::fs::File,
     spool_path: &std::path::Path,
     compression: Compression,
     level: Option<i32>,
     recipients: &[age::x25519::Recipient],
     out: mpsc::Sender<Bytes>,
+    progress: &Arc<SpoolProgress>,
+    spooled: oneshot::Sender<RawDigest>,
 ) -> Result<PipelineReport, PipelineError> {
-    let sealer = Sealer::new(ChunkSink::new(out), recipients).map_err(PipelineError::Compress)?;
-    let mut enc = compression
-        .encoder(sealer, level)
-        .map_err(PipelineError::Compress)?;
+    let reader = std::fs::File::open(spool_path).map_err(|source| PipelineError::Spool {
+        path: spool_path.display().to_string(),
+        source,
+    })?;
     std::thread::scope(|scope| {
-        let (spool_tx, spool_rx) = std::sync::mpsc::sync_channel::<Bytes>(SPOOL_QUEUE);
-        let spooler = scope.spawn(move || spool_and_check(&spool_rx, spool, spool_path));
-        let mut compressed = Ok(());
-        while let Some(chunk) = rx.blocking_recv() {
-            if spool_tx.send(chunk.clone()).is_err() {
-                // The spool thread failed; its error is the one to report.
-                break;
+        let follower = scope.spawn(|| {
+            let r = follow(
+                reader,
+                spool_path,
+                compression,
+                level,
+                recipients,
+                out,
+                progress,
+            );
+            if r.is_err() {
+                // The stream is of no use any more: stop taking it.
+                progress.stop();
             }
-            if let Err(e) = enc.write_all(&chunk) {
-                compressed = Err(PipelineError::Compress(e));
-                break;
+            r
+        });
+        let written = spool_and_check(rx, spool, spool_path, progress);
+        match &written {
+            Ok(raw) => {
+                progress.set(Spooled::Complete(raw.size));
+                let _ = spooled.send(raw.clone());
             }
+            Err(_) => progress.set(Spooled::Failed),
         }
-        drop(spool_tx);
-        let spooled = spooler
-            .join()
-            .map_err(|_| PipelineError::Compress(io::Error::other("the spool thread panicked")))?;
-        // A failed spool write is the cause of anything else; a compressor failure comes
-        // next (it ends the stream early, so the trailer check then fails too).
-        let raw = match (spooled, compressed) {
-            (Err(e @ PipelineError::Spool { .. }), _) | (_, Err(e)) | (Err(e), Ok(())) => {
-                return Err(e)
-            }
-            (Ok(raw), Ok(())) => raw,
-        };
-        let sealer = enc.finish().map_err(PipelineError::Compress)?;
-        let sink = sealer.finish().map_err(PipelineError::Compress)?;
-        let (stored_size, stored_sha256) = sink.close().map_err(PipelineError::Compress)?;
+        let followed = follower.join().map_err(|_| {
+            PipelineError::Compress(io::Error::other("the compressor thread panicked"))
+        })?;
+        // A failed spool write is the cause of anything else; a compressor or upload
+        // failure comes next (it stops the stream early, so the trailer check fails too).
+        if let Err(e @ PipelineError::Spool { .. }) = written {
+            return Err(e);
+        }
+        if let Err(e @ (PipelineError::Compress(_) | PipelineError::Spool { .. })) = followed {
+            return Err(e);
+        }
+        let raw = written?;
+        let (stored_size, stored_sha256) = followed?;
         Ok(PipelineReport {
             raw,
             stored_size,
@@ -264,25 +374,140 @@ pub fn run(
     })
 }
 
-/// The helper thread of [`run`]: writes every chunk to the spool file and checks the
-/// trailer, until the sender is dropped.
+/// The spool writer of [`run`]: every chunk goes to the spool file (queued chunks are written
+/// together, up to [`WRITE_BATCH`], with one `writev`) and through the trailer check, until
+/// the sender is dropped. Each write is published to the follower.
 fn spool_and_check(
-    rx: &std::sync::mpsc::Receiver<Bytes>,
-    spool: std::fs::File,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut spool: std::fs::File,
     spool_path: &std::path::Path,
+    progress: &SpoolProgress,
 ) -> Result<RawDigest, PipelineError> {
     let spool_err = |source| PipelineError::Spool {
         path: spool_path.display().to_string(),
         source,
     };
-    let mut spool = io::BufWriter::with_capacity(1024 * 1024, spool);
     let mut check = TrailerCheck::new();
-    for chunk in rx {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH / (16 * 1024));
+    let mut batched = 0usize;
+    let mut written = 0u64;
+    loop {
+        let next = match rx.try_recv() {
+            Ok(c) => Some(c),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing more queued: write what is batched, then wait.
+                if batched > 0 {
+                    write_batch(&mut spool, &batch).map_err(spool_err)?;
+                    written += batched as u64;
+                    progress.set(Spooled::Growing(written));
+                    batch.clear();
+                    batched = 0;
+                }
+                rx.blocking_recv()
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        if progress.stopped() {
+            return Err(PipelineError::Stopped);
+        }
+        let Some(chunk) = next else { break };
         check.update(&chunk);
-        spool.write_all(&chunk).map_err(spool_err)?;
+        batched += chunk.len();
+        batch.push(chunk);
+        if batched >= WRITE_BATCH {
+            write_batch(&mut spool, &batch).map_err(spool_err)?;
+            written += batched as u64;
+            progress.set(Spooled::Growing(written));
+            batch.clear();
+            batched = 0;
+        }
     }
-    spool.flush().map_err(spool_err)?;
+    write_batch(&mut spool, &batch).map_err(spool_err)?;
     Ok(check.finish()?)
+}
+
+/// Writes all of `chunks`, in order, with as few `writev` calls as the kernel allows.
+fn write_batch(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<()> {
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < chunks.len() {
+        let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(chunks.len() - i);
+        slices.push(io::IoSlice::new(&chunks[i][off..]));
+        slices.extend(chunks[i + 1..].iter().map(|c| io::IoSlice::new(c)));
+        let mut n = match file.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let left = chunks[i].len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        // Skip empty chunks, so the next slice list starts with data.
+        while i < chunks.len() && chunks[i].len() == off {
+            i += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+/// The follower of [`run`]: reads the spool file as the writer publishes it and compresses
+/// (and encrypts) it into `out`, until the file is complete. Returns the stored size and
+/// sha256.
+fn follow(
+    mut reader: std::fs::File,
+    spool_path: &std::path::Path,
+    compression: Compression,
+    level: Option<i32>,
+    recipients: &[age::x25519::Recipient],
+    out: mpsc::Sender<Bytes>,
+    progress: &SpoolProgress,
+) -> Result<(u64, [u8; 32]), PipelineError> {
+    let sealer = Sealer::new(ChunkSink::new(out), recipients).map_err(PipelineError::Compress)?;
+    let mut enc = compression
+        .encoder(sealer, level)
+        .map_err(PipelineError::Compress)?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pos = 0u64;
+    while let Some(len) = progress.wait_beyond(pos)? {
+        while pos < len {
+            let want = usize::try_from(len - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(PipelineError::Spool {
+                        path: spool_path.display().to_string(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the spool file is shorter than what was written to it",
+                        ),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(PipelineError::Spool {
+                        path: spool_path.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            enc.write_all(&buf[..n]).map_err(PipelineError::Compress)?;
+            pos += n as u64;
+        }
+    }
+    let sealer = enc.finish().map_err(PipelineError::Compress)?;
+    let sink = sealer.finish().map_err(PipelineError::Compress)?;
+    sink.close().map_err(PipelineError::Compress)
 }
 
 #[cfg(test)]
@@ -357,6 +582,7 @@ mod tests {
     fn run_over(
         file: &[u8],
         spool: std::fs::File,
+        spool_path: &std::path::Path,
         out_tx: mpsc::Sender<Bytes>,
     ) -> Result<PipelineReport, PipelineError> {
         let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
@@ -370,14 +596,17 @@ mod tests {
                 }
             })
         };
+        let (done_tx, _done_rx) = oneshot::channel();
         let r = run(
             raw_rx,
             spool,
-            std::path::Path::new("test.spool"),
+            spool_path,
             Compression::None,
             None,
             &[],
             out_tx,
+            &SpoolProgress::new(),
+            done_tx,
         );
         feeder.join().unwrap();
         r
@@ -393,7 +622,7 @@ mod tests {
         let spool = std::fs::File::open(&path).unwrap();
         let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
         let drain = std::thread::spawn(move || while out_rx.blocking_recv().is_some() {});
-        let err = run_over(&file, spool, out_tx).unwrap_err();
+        let err = run_over(&file, spool, &path, out_tx).unwrap_err();
         drain.join().unwrap();
         assert!(matches!(err, PipelineError::Spool { .. }), "{err:?}");
         assert!(err.to_string().contains("check free space"), "{err}");
@@ -403,14 +632,119 @@ mod tests {
     fn a_stopped_uploader_is_reported_not_a_cut_trailer() {
         let file = snapshot_like(8000); // ~4 MB, more than the output queue holds
         let dir = tempfile::tempdir().unwrap();
-        let spool = std::fs::File::create(dir.path().join("s.spool")).unwrap();
+        let path = dir.path().join("s.spool");
+        let spool = std::fs::File::create(&path).unwrap();
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         drop(out_rx);
-        let err = run_over(&file, spool, out_tx).unwrap_err();
+        let err = run_over(&file, spool, &path, out_tx).unwrap_err();
         assert!(
             matches!(&err, PipelineError::Compress(e) if e.kind() == io::ErrorKind::BrokenPipe),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn the_stream_is_spooled_while_the_uploader_takes_nothing() {
+        // 16 MiB: many times what the output queue, the chunk being filled and the raw queue
+        // hold together, so a pipeline coupled to its uploader could not take it all.
+        let file = snapshot_like(32 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let spool_path = dir.path().join("s.spool");
+        let spool = std::fs::File::create(&spool_path).unwrap();
+        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
+        let (done_tx, mut done_rx) = oneshot::channel();
+        let sp = spool_path.clone();
+        let t = std::thread::spawn(move || {
+            run(
+                raw_rx,
+                spool,
+                &sp,
+                Compression::None,
+                None,
+                &[],
+                out_tx,
+                &SpoolProgress::new(),
+                done_tx,
+            )
+        });
+        let feeder = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                for c in file.chunks(32 * 1024) {
+                    raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+                }
+            })
+        };
+        // Nobody drains the output: the stream must still end, whole and checked.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let raw = loop {
+            match done_rx.try_recv() {
+                Ok(raw) => break raw,
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the stream did not end while the uploader was stalled"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("the pipeline failed: {e}"),
+            }
+        };
+        feeder.join().unwrap();
+        assert_eq!(raw.size, file.len() as u64);
+        assert_eq!(std::fs::read(&spool_path).unwrap(), file);
+        // The uploader got at most what the queue holds; it now catches up from the spool.
+        let mut stored = Vec::new();
+        while let Some(b) = out_rx.blocking_recv() {
+            stored.extend_from_slice(&b);
+        }
+        let rep = t.join().unwrap().unwrap();
+        assert_eq!(rep.raw, raw);
+        assert_eq!(stored, file);
+    }
+
+    #[test]
+    fn the_uploader_follows_the_spool_before_the_stream_ends() {
+        let file = snapshot_like(16 * 1024); // 8 MiB
+        let dir = tempfile::tempdir().unwrap();
+        let spool_path = dir.path().join("s.spool");
+        let spool = std::fs::File::create(&spool_path).unwrap();
+        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
+        let (done_tx, _done_rx) = oneshot::channel();
+        let sp = spool_path.clone();
+        let t = std::thread::spawn(move || {
+            run(
+                raw_rx,
+                spool,
+                &sp,
+                Compression::None,
+                None,
+                &[],
+                out_tx,
+                &SpoolProgress::new(),
+                done_tx,
+            )
+        });
+        let (first, rest) = file.split_at(4 << 20);
+        for c in first.chunks(32 * 1024) {
+            raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+        }
+        // The stream is open, half sent: compressed chunks already reach the uploader.
+        let mut stored = out_rx
+            .blocking_recv()
+            .expect("output before the end of the stream")
+            .to_vec();
+        for c in rest.chunks(32 * 1024) {
+            raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+        }
+        drop(raw_tx);
+        while let Some(b) = out_rx.blocking_recv() {
+            stored.extend_from_slice(&b);
+        }
+        t.join().unwrap().unwrap();
+        assert_eq!(stored, file);
     }
 
     #[test]
@@ -422,8 +756,19 @@ mod tests {
         let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
         let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
         let sp = spool_path.clone();
+        let (done_tx, done_rx) = oneshot::channel();
         let t = std::thread::spawn(move || {
-            run(raw_rx, spool, &sp, Compression::Gzip, None, &[], out_tx)
+            run(
+                raw_rx,
+                spool,
+                &sp,
+                Compression::Gzip,
+                None,
+                &[],
+                out_tx,
+                &SpoolProgress::new(),
+                done_tx,
+            )
         });
         let feeder = {
             let file = file.clone();
@@ -439,6 +784,7 @@ mod tests {
         }
         feeder.join().unwrap();
         let rep = t.join().unwrap().unwrap();
+        assert_eq!(done_rx.blocking_recv().unwrap(), rep.raw);
         assert_eq!(std::fs::read(&spool_path).unwrap(), file);
         assert_eq!(rep.stored_size, stored.len() as u64);
         let sh: [u8; 32] = sha2::Sha256::digest(&stored).into();

@@ -227,6 +227,55 @@ async fn a_good_snapshot_is_committed_with_its_manifest_last() {
     assert_eq!(stored.len() as u64, m.stored_size);
     assert_eq!(zstd::decode_all(&stored[..]).unwrap(), bytes);
     assert!(rig.spool_files().is_empty(), "the spool file is removed");
+    // etcd's hold is part of the snapshot stage, and is recorded in the manifest.
+    let t = &report.times;
+    assert!(t.stream <= t.snapshot, "{t:?}");
+    assert_eq!(m.stream_seconds, Some(t.stream.as_secs_f64()));
+}
+
+/// A file shaped like a snapshot (pages, then a matching sha256 trailer) but holding no
+/// database: its stream completes, and the verifier then refuses it.
+fn not_a_database(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut b: Vec<u8> = (0..len)
+        .map(|_| {
+            // xorshift: incompressible, so every byte has to cross the uploader.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let sum = ring::digest::digest(&ring::digest::SHA256, &b);
+    b.extend_from_slice(sum.as_ref());
+    b
+}
+
+#[tokio::test]
+async fn a_slow_upload_does_not_hold_the_stream() {
+    // 24 MiB through an uploader paced at 64 KiB/s: it would take over six minutes to
+    // upload, and the cycle's limit (2 minutes) is far below that. A stream coupled to the upload
+    // (bounded queues of a few MiB) would stall and time the cycle out; spooled first, the
+    // stream ends, the verifier runs on the spool while the upload crawls on, and its
+    // verdict ends the cycle.
+    let rig = rig("compression = \"none\"\ntimeout = \"2m\"\ntimeout_per_gib = \"1s\"\n");
+    let mut config = rig.config.clone();
+    config.storage.requests.max_upload_rate = Some(64 * 1024);
+    let rig = Rig { config, ..rig };
+    let e = rig
+        .run(
+            &FileSource::new(not_a_database(24 << 20), Behaviour::Whole),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.stage, e.kind),
+        (Stage::Verify, CycleErrorKind::Failed),
+        "the stream must end, and the verifier judge the spool, while the upload is still going: {e}"
+    );
+    assert!(!e.message.contains("trailer"), "{e}");
+    rig.assert_nothing_left().await;
 }
 
 #[tokio::test]

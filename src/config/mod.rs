@@ -164,6 +164,10 @@ pub struct RequestLimits {
     /// No retry starts after this long since the first attempt.
     #[serde(with = "humantime_serde_compat")]
     pub retry_timeout: Duration,
+    /// Upper bound of the upload rate in bytes per second (`storage.max_upload_rate`);
+    /// `None`: as fast as the link goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_rate: Option<u64>,
 }
 
 impl Default for RequestLimits {
@@ -173,6 +177,7 @@ impl Default for RequestLimits {
             request_timeout: Duration::from_secs(300),
             max_retries: 5,
             retry_timeout: Duration::from_secs(180),
+            max_upload_rate: None,
         }
     }
 }
@@ -506,6 +511,7 @@ mod raw {
         pub request_timeout: Option<String>,
         pub max_retries: Option<u32>,
         pub retry_timeout: Option<String>,
+        pub max_upload_rate: Option<String>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -1038,6 +1044,12 @@ impl Config {
                     r.retry_timeout.as_deref(),
                     "3m",
                 ),
+                max_upload_rate: r.max_upload_rate.as_deref().and_then(|v| {
+                    parse_rate(v)
+                        .map_err(|m| p.push("storage.max_upload_rate", m))
+                        .ok()
+                        .flatten()
+                }),
             },
         }
     }
@@ -1438,6 +1450,8 @@ impl Config {
             #[serde(skip_serializing_if = "Option::is_none")]
             sse: Option<&'a Sse>,
             checksum: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_upload_rate: Option<u64>,
         }
         let tls = self.etcd.tls.as_ref();
         let view = View {
@@ -1466,6 +1480,7 @@ impl Config {
                 } else {
                     "none"
                 },
+                max_upload_rate: self.storage.requests.max_upload_rate,
             },
             backup: &self.backup,
             schedule: &self.schedule,
@@ -1479,6 +1494,48 @@ impl Config {
         };
         toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+/// Parses an upload rate in bytes per second: `"20MiB"`, `"8MB"`, `"512KiB/s"`, `"1000000"`;
+/// `"0"` and `"off"` mean no limit (`Ok(None)`).
+///
+/// # Errors
+/// A message saying what is expected.
+pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => u64::MAX,
+    };
+    let bad = || {
+        format!("{text:?} is not a rate: use bytes per second with an optional unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. \"20MiB\", or \"off\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    if mult == u64::MAX {
+        return Err(bad());
+    }
+    let rate = n.checked_mul(mult).ok_or_else(bad)?;
+    if rate == 0 {
+        return Ok(None);
+    }
+    if rate < 64 * 1024 {
+        return Err(format!(
+            "{text:?} is below the smallest upload rate, 64KiB per second: a backup would take days; raise it or remove the key"
+        ));
+    }
+    Ok(Some(rate))
 }
 
 /// Parses `s3://BUCKET[/PREFIX]` or `file:///ABSOLUTE/DIR`.
@@ -1937,6 +1994,51 @@ mod tests {
             }
         );
         assert!(parse_storage_url("relative/dir").is_err());
+    }
+
+    #[test]
+    fn upload_rates() {
+        assert_eq!(parse_rate("20MiB"), Ok(Some(20 << 20)));
+        assert_eq!(parse_rate("8MB/s"), Ok(Some(8_000_000)));
+        assert_eq!(parse_rate(" 512 KiB "), Ok(Some(512 << 10)));
+        assert_eq!(parse_rate("1000000"), Ok(Some(1_000_000)));
+        assert_eq!(parse_rate("off"), Ok(None));
+        assert_eq!(parse_rate("0"), Ok(None));
+        for bad in [
+            "",
+            "fast",
+            "20 furlongs",
+            "-1MiB",
+            "1.5MiB",
+            "99999999999999GiB",
+            "1KiB",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
+        let c = load_str(
+            "[storage]\nurl = \"file:///b\"\nmax_upload_rate = \"20MiB\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.storage.requests.max_upload_rate, Some(20 << 20));
+        assert_eq!(
+            load_str("[storage]\nurl = \"file:///b\"\n", &[])
+                .unwrap()
+                .storage
+                .requests
+                .max_upload_rate,
+            None
+        );
+        let e = load_str(
+            "[storage]\nurl = \"file:///b\"\nmax_upload_rate = \"20 mph\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("storage.max_upload_rate") && e.contains("e.g. \"20MiB\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub struct Manifest {
     pub node: String,
     /// Version of etcd-backup that made the backup.
     pub tool_version: String,
+    /// Seconds etcd's snapshot stream was held open (its read transaction), from opening
+    /// the stream to its last byte; unset in manifests written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seconds: Option<f64>,
     /// The scheduled time this backup was taken for (daemon runs; unset for one-shot runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<DateTime<Utc>>,
@@ -251,6 +255,7 @@ pub(crate) fn sample(id: &str, time: DateTime<Utc>) -> Manifest {
         finished_at: time,
         node: "cp1".into(),
         tool_version: "0.1.0".into(),
+        stream_seconds: None,
         slot: None,
         fencing_token: None,
         encryption: None,

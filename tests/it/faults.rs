@@ -291,7 +291,7 @@ fn s3_stalling_past_the_timeout_fails_in_bounded_time_and_cleans_up_after() {
 }
 
 #[test]
-fn a_slow_link_completes_a_large_snapshot() {
+fn a_slow_link_completes_a_large_snapshot_without_holding_etcd() {
     let _g = serial();
     let rig = Rig::new(120);
     // 8 MB/s for an incompressible ~120 MiB snapshot: ~16 s; each 5 MiB part < 1 s.
@@ -302,10 +302,41 @@ fn a_slow_link_completes_a_large_snapshot() {
         &rig.dir.path().join("spool"),
         "",
     );
+    let out = rig.dir.path().join("snapshot.out");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backup"));
+    cmd.args(["snapshot", "--config", rig.config.to_str().unwrap()]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ETCD_BACKUP_") || k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
     let started = Instant::now();
-    let o = etcd_backup(&["snapshot", "--config", rig.config.to_str().unwrap()]);
+    let mut child = ChildProc::spawn("etcd-backup snapshot", cmd, &out);
+    // etcd's own word on when it let go of the snapshot (and its read transaction).
+    const SENT: &str = "successfully sent database snapshot to client";
+    support::wait_until(
+        &format!(
+            "etcd to log {SENT:?}\n{}\n{}",
+            rig.cluster.log_tail(),
+            child.log_tail(40)
+        ),
+        Duration::from_secs(120),
+        || rig.cluster.log(0).contains(SENT),
+    );
+    let uploaded_at_release = rig.s3.bytes();
+    let running_at_release = child.is_running();
+    support::wait_until(
+        &format!("etcd-backup snapshot to finish\n{}", child.log_tail(40)),
+        Duration::from_secs(180),
+        || !child.is_running(),
+    );
     let took = started.elapsed();
-    assert!(o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        log.contains("backup committed"),
+        "the snapshot failed\n{}",
+        child.log_tail(40)
+    );
     let uploaded = rig.s3.bytes();
     assert!(
         uploaded > 100 << 20,
@@ -315,16 +346,44 @@ fn a_slow_link_completes_a_large_snapshot() {
         took.as_secs_f64() >= uploaded as f64 / rate as f64 * 0.8,
         "{took:?} for {uploaded} bytes: the throttle did not apply"
     );
+    // The stream ended at disk speed, long before the throttled upload did: the upload
+    // had not carried half of its bytes when etcd logged the end of the stream.
+    assert!(
+        running_at_release && uploaded_at_release < uploaded / 2,
+        "etcd released the snapshot after {uploaded_at_release} of {uploaded} uploaded bytes (etcd-backup still running: {running_at_release}): the upload held etcd's stream\n{}",
+        child.log_tail(40)
+    );
     rig.s3.set(Fault::Pass);
     rig.assert_store_consistent();
+    // The manifest records how long etcd was held: a small part of the cycle here.
+    let cfg =
+        etcd_backup::config::Config::load_with_env(&rig.config, Some(Default::default())).unwrap();
+    let store = etcd_backup::store::BackupStore::open(&cfg.storage, "f").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listing = rt.block_on(store.list()).unwrap();
+    let m = &listing.backups[0];
+    let cycle = (m.finished_at - m.started_at)
+        .to_std()
+        .unwrap()
+        .as_secs_f64();
+    let stream = m
+        .stream_seconds
+        .expect("the manifest records the stream time");
+    assert!(
+        stream > 0.0 && stream < cycle / 2.0,
+        "stream {stream} s of a {cycle} s cycle"
+    );
 }
 
 #[test]
 fn etcd_member_killed_mid_snapshot() {
     let _g = serial();
     let mut rig = Rig::new(120);
-    // Slow the upload so that the snapshot stream is still running when the member dies.
-    rig.s3.set(Fault::Throttle(6_000_000));
+    // Slow the stream itself (a slow upload no longer holds it) so that it is still running
+    // when the member dies.
+    let etcd = Proxy::for_url(&rig.cluster.client_url(0));
+    etcd.set(Fault::Throttle(6_000_000));
+    rig.write_config(&etcd.url(), &rig.dir.path().join("spool"), "");
     rig.start_daemon();
     let started = rig.count("connected to etcd");
     rig.wait_log("connected to etcd", started, Duration::from_secs(30));
@@ -333,7 +392,7 @@ fn etcd_member_killed_mid_snapshot() {
     rig.wait_log("scheduled backup failed", 0, Duration::from_secs(60));
     assert!(rig.log_text().contains("stage=snapshot"), "{}", rig.tail());
     rig.cluster.restart(0);
-    rig.s3.set(Fault::Pass);
+    etcd.set(Fault::Pass);
     rig.assert_recovered("snapshot");
 }
 
