@@ -233,172 +233,191 @@ impl Metrics {
             defrag_reclaimed: Gauge::default(),
             continuous: ContinuousMetrics::default(),
         };
-        let r = &mut registry;
+        m.register_backups(&mut registry);
+        m.register_cluster(&mut registry);
+        m.register_operations(&mut registry);
+        m.create_series();
+        m.last_success_age.set(f64::NAN);
+        Metrics { registry, ..m }
+    }
+
+    /// The backups: last success, cycles and stages, sizes, pruning.
+    fn register_backups(&self, r: &mut Registry) {
         r.register_with_unit(
             "last_success_timestamp",
             "Unix time the newest committed backup of the cluster finished (from the store, any node)",
             Unit::Seconds,
-            m.last_success_timestamp.clone(),
+            self.last_success_timestamp.clone(),
         );
         r.register_with_unit(
             "last_success_age",
             "Seconds since the newest committed backup of the cluster finished",
             Unit::Seconds,
-            m.last_success_age.clone(),
+            self.last_success_age.clone(),
         );
         r.register_with_unit(
             "last_attempt_timestamp",
             "Unix time this node last started a backup cycle",
             Unit::Seconds,
-            m.last_attempt_timestamp.clone(),
+            self.last_attempt_timestamp.clone(),
         );
         r.register(
             "cycles",
             "Backup cycles run by this node, by result",
-            m.cycles.clone(),
+            self.cycles.clone(),
         );
         r.register(
             "failures",
             "Failed backup cycles (and prunes), by the stage that failed",
-            m.failures.clone(),
+            self.failures.clone(),
         );
         r.register_with_unit(
             "stage_duration",
             "Duration of each stage of a backup cycle",
             Unit::Seconds,
-            m.stage_duration.clone(),
+            self.stage_duration.clone(),
         );
         r.register_with_unit(
             "snapshot_stream",
             "How long etcd held its snapshot stream (and its read transaction) open in the last cycles: from opening the stream to its last byte, written to the spool at disk speed whatever the upload link",
             Unit::Seconds,
-            m.snapshot_stream.clone(),
+            self.snapshot_stream.clone(),
         );
         r.register_with_unit(
             "snapshot_size",
             "Raw size of the last snapshot this node committed",
             Unit::Bytes,
-            m.snapshot_size.clone(),
+            self.snapshot_size.clone(),
         );
         r.register_with_unit(
             "stored_size",
             "Stored (compressed) size of the last backup this node committed",
             Unit::Bytes,
-            m.stored_size.clone(),
+            self.stored_size.clone(),
         );
         r.register(
             "backups_in_store",
             "Committed backups of the cluster in the store",
-            m.backups_in_store.clone(),
+            self.backups_in_store.clone(),
         );
-        r.register("pruned", "Backups deleted by retention", m.pruned.clone());
+        r.register("pruned", "Backups deleted by retention", self.pruned.clone());
         r.register(
             "foreign_backups",
             "Backups under this cluster_name made by another etcd cluster id (never pruned or restored as latest)",
-            m.foreign_backups.clone(),
+            self.foreign_backups.clone(),
         );
         r.register(
             "future_backups",
             "Backups dated more than 5 minutes in the future (wrong clock?; never latest, never aged out)",
-            m.future_backups.clone(),
+            self.future_backups.clone(),
         );
+    }
+
+    /// The cluster as this node sees it: the election and the local member.
+    fn register_cluster(&self, r: &mut Registry) {
         r.register(
             "is_leader",
             "1 while this node is the one taking backups",
-            m.is_leader.clone(),
+            self.is_leader.clone(),
         );
         r.register(
             "leader_changes",
             "Times this node became or stopped being the one taking backups",
-            m.leader_changes.clone(),
+            self.leader_changes.clone(),
         );
         r.register(
             "election_up",
             "1 while this node takes part in the snapshotter election (connected to etcd, lease alive); 1 too when the election is off",
-            m.election_up.clone(),
+            self.election_up.clone(),
         );
         r.register_with_unit(
             "db_size",
             "Size of the local etcd member's database file",
             Unit::Bytes,
-            m.db_size.clone(),
+            self.db_size.clone(),
         );
         r.register_with_unit(
             "db_size_in_use",
             "Bytes in use of the local etcd member's database",
             Unit::Bytes,
-            m.db_size_in_use.clone(),
+            self.db_size_in_use.clone(),
         );
         r.register_with_unit(
             "db_quota",
             "Backend quota of the local etcd member (0 when the member does not report it)",
             Unit::Bytes,
-            m.db_quota.clone(),
+            self.db_quota.clone(),
         );
         r.register(
             "etcd_up",
             "1 when the last status refresh reached the local etcd member",
-            m.etcd_up.clone(),
+            self.etcd_up.clone(),
         );
+    }
+
+    /// The schedule, reloads, drills, defragmentation, continuous backup and the build.
+    fn register_operations(&self, r: &mut Registry) {
         r.register_with_unit(
             "schedule_interval",
             "Longest gap between two scheduled backups of the configured schedule",
             Unit::Seconds,
-            m.schedule_interval.clone(),
+            self.schedule_interval.clone(),
         );
         r.register(
             "config_reloads",
             "Configuration reloads (SIGHUP), by result",
-            m.config_reloads.clone(),
+            self.config_reloads.clone(),
         );
-        m.continuous.register(r);
+        self.continuous.register(r);
         r.register(
             "build_info",
             "Build information: always 1, labelled with the version",
-            m.build_info.clone(),
+            self.build_info.clone(),
         );
         r.register(
             "defrag",
             "Scheduled defragmentations of the local etcd member, by result (skipped: not worth it or not safe now)",
-            m.defrags.clone(),
+            self.defrags.clone(),
         );
         r.register_with_unit(
             "defrag_last_timestamp",
             "Unix time the local etcd member was last defragmented by this node",
             Unit::Seconds,
-            m.defrag_last_timestamp.clone(),
+            self.defrag_last_timestamp.clone(),
         );
         r.register_with_unit(
             "defrag_reclaimed",
             "Bytes the last defragmentation of the local etcd member returned (its database file shrank by)",
             Unit::Bytes,
-            m.defrag_reclaimed.clone(),
+            self.defrag_reclaimed.clone(),
         );
+    }
+
+    /// Every labelled series at zero, so alerts see them before the first event.
+    fn create_series(&self) {
         for result in [
             DefragResult::Success,
             DefragResult::Failure,
             DefragResult::Skipped,
         ] {
-            let _ = m.defrags.get_or_create(&DefragLabels { result });
+            let _ = self.defrags.get_or_create(&DefragLabels { result });
         }
         for result in [Outcome::Success, Outcome::Failure] {
             let l = ResultLabels { result };
-            let _ = m.cycles.get_or_create(&l);
-            let _ = m.config_reloads.get_or_create(&l);
-            let _ = m.restore_drills.get_or_create(&l);
+            let _ = self.cycles.get_or_create(&l);
+            let _ = self.config_reloads.get_or_create(&l);
+            let _ = self.restore_drills.get_or_create(&l);
         }
         for stage in StageValue::ALL {
             let l = StageLabels { stage };
-            let _ = m.failures.get_or_create(&l);
-            let _ = m.stage_duration.get_or_create(&l);
+            let _ = self.failures.get_or_create(&l);
+            let _ = self.stage_duration.get_or_create(&l);
         }
-        m.build_info
+        self.build_info
             .get_or_create(&VersionLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
-        m.last_success_age.set(f64::NAN);
-        Metrics { registry, ..m }
     }
 
     /// Records a finished cycle.
