@@ -300,7 +300,11 @@ impl Metrics {
             "Committed backups of the cluster in the store",
             self.backups_in_store.clone(),
         );
-        r.register("pruned", "Backups deleted by retention", self.pruned.clone());
+        r.register(
+            "pruned",
+            "Backups deleted by retention",
+            self.pruned.clone(),
+        );
         r.register(
             "foreign_backups",
             "Backups under this cluster_name made by another etcd cluster id (never pruned or restored as latest)",

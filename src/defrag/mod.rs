@@ -356,12 +356,6 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
     // until it is done (its state is read under the lock, when it is its turn).
     let (_, before) = member.health().await?;
     let local_name = member.status().await?.member_name;
-    let name_of = |r: &ClusterReport, id: u64| {
-        r.members
-            .iter()
-            .find(|m| m.id == id)
-            .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
-    };
     let done = |before: MemberHealth, outcome| DefragReport {
         member: local_name.clone(),
         before,
@@ -376,14 +370,7 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
         ));
     }
     if input.dry_run {
-        let report = member.cluster_report(&cfg.etcd).await?;
-        let outcome = match decide(&report, t, false) {
-            Decision::Skip(s) => Outcome::Skipped(s),
-            Decision::Defragment { hand_over_to, .. } => Outcome::WouldDefragment {
-                hand_over_to: hand_over_to.map(|id| name_of(&report, id)),
-            },
-            Decision::LeaderWaits { .. } => Outcome::WouldDefragment { hand_over_to: None },
-        };
+        let outcome = dry_run(&member, cfg, t).await?;
         return Ok(done(before, outcome));
     }
     // A leader lets the others go first for up to half the time it has.
@@ -453,28 +440,7 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
         let Some(guard) = guard else {
             // A snapshot of this member runs: let the other members go meanwhile.
             lock.release().await;
-            tracing::info!(
-                "a snapshot of the local member is running; the defragmentation waits for it"
-            );
-            let until = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
-            let waited = tokio::select! {
-                () = input.cancel.cancelled() => return Err(DefragError::Cancelled),
-                r = input.gate.lock_until(until) => r,
-            };
-            match waited {
-                Ok(Some(g)) => drop(g),
-                Ok(None) => {
-                    return Err(DefragError::Timeout(
-                        "the snapshot of the local member did not end".to_string(),
-                    ))
-                }
-                Err(source) => {
-                    return Err(DefragError::Gate {
-                        path: input.gate.path().display().to_string(),
-                        source,
-                    })
-                }
-            }
+            wait_for_snapshot(&input, deadline).await?;
             continue;
         };
         let handed_over_to = match hand_over_to {
@@ -497,41 +463,104 @@ pub async fn run(input: DefragInput<'_>) -> Result<DefragReport, DefragError> {
             lock.release().await;
             return Err(DefragError::LeaseLost);
         }
-        let (free, _) = free_space(&before);
-        tracing::info!(
-            member = %local_name,
-            db_size = before.db_size,
-            db_size_in_use = before.db_size_in_use,
-            free,
-            "defragmenting the local member"
-        );
-        let started = Instant::now();
-        // The waiting above had its own bound; the defragmentation gets the whole timeout.
-        let r = member.defragment(cfg.defrag.timeout).await;
-        let took = started.elapsed();
-        if let Err(e) = r {
-            // The member may still be defragmenting: keep the gate and the lock until it
-            // serves reads again (bounded), so that nothing else starts meanwhile.
-            let until = Instant::now() + cfg.defrag.timeout;
-            while Instant::now() < until && !member.serves_reads().await {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            drop(guard);
-            lock.release().await;
-            return Err(e.into());
-        }
-        let after = member.health().await;
+        let r = defragment_now(&member, cfg, &local_name, &before).await;
         drop(guard);
         lock.release().await;
-        let (_, after) = after?;
         return Ok(done(
             before,
             Outcome::Defragmented {
-                after,
+                after: r.after?,
                 handed_over_to,
-                took,
+                took: r.took,
             },
         ));
+    }
+}
+
+/// Waits (bounded by `deadline`) until the snapshot of the local member that holds the
+/// member gate ends.
+async fn wait_for_snapshot(input: &DefragInput<'_>, deadline: Instant) -> Result<(), DefragError> {
+    tracing::info!("a snapshot of the local member is running; the defragmentation waits for it");
+    let until = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+    let waited = tokio::select! {
+        () = input.cancel.cancelled() => return Err(DefragError::Cancelled),
+        r = input.gate.lock_until(until) => r,
+    };
+    match waited {
+        Ok(Some(g)) => {
+            drop(g);
+            Ok(())
+        }
+        Ok(None) => Err(DefragError::Timeout(
+            "the snapshot of the local member did not end".to_string(),
+        )),
+        Err(source) => Err(DefragError::Gate {
+            path: input.gate.path().display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// The name of member `id` in `r`, or its id in hex.
+fn name_of(r: &ClusterReport, id: u64) -> String {
+    r.members
+        .iter()
+        .find(|m| m.id == id)
+        .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
+}
+
+/// `--dry-run`: what a defragmentation would do now, read without the lock.
+async fn dry_run(member: &Member, cfg: &Config, t: Thresholds) -> Result<Outcome, DefragError> {
+    let report = member.cluster_report(&cfg.etcd).await?;
+    Ok(match decide(&report, t, false) {
+        Decision::Skip(s) => Outcome::Skipped(s),
+        Decision::Defragment { hand_over_to, .. } => Outcome::WouldDefragment {
+            hand_over_to: hand_over_to.map(|id| name_of(&report, id)),
+        },
+        Decision::LeaderWaits { .. } => Outcome::WouldDefragment { hand_over_to: None },
+    })
+}
+
+/// What one defragmentation took and left.
+struct Defragmented {
+    took: Duration,
+    after: Result<MemberHealth, DefragError>,
+}
+
+/// Defragments the local member (the caller holds the cluster lock and the member gate).
+/// When the request fails the member may still be defragmenting: this waits until it
+/// serves reads again (bounded) before returning, so that nothing else starts meanwhile.
+async fn defragment_now(
+    member: &Member,
+    cfg: &Config,
+    local_name: &str,
+    before: &MemberHealth,
+) -> Defragmented {
+    let (free, _) = free_space(before);
+    tracing::info!(
+        member = %local_name,
+        db_size = before.db_size,
+        db_size_in_use = before.db_size_in_use,
+        free,
+        "defragmenting the local member"
+    );
+    let started = Instant::now();
+    // The waiting before had its own bound; the defragmentation gets the whole timeout.
+    let r = member.defragment(cfg.defrag.timeout).await;
+    let took = started.elapsed();
+    if let Err(e) = r {
+        let until = Instant::now() + cfg.defrag.timeout;
+        while Instant::now() < until && !member.serves_reads().await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        return Defragmented {
+            took,
+            after: Err(e.into()),
+        };
+    }
+    Defragmented {
+        took,
+        after: member.health().await.map(|(_, h)| h).map_err(Into::into),
     }
 }
 
