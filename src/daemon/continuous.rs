@@ -143,6 +143,58 @@ async fn fresh_snapshot(
     }
 }
 
+/// What one chain run needs.
+struct Chain<'a> {
+    config: &'a Config,
+    store: &'a BackupStore,
+    settings: &'a Settings,
+    term: Option<&'a Term>,
+    committed: &'a mut watch::Receiver<Option<Manifest>>,
+    cancel: &'a CancellationToken,
+    tracker: &'a Tracker,
+    /// A snapshot this task took itself after a gap.
+    fresh: Option<&'a Manifest>,
+    /// The base revision whose chain ended with a gap.
+    ended_at: Option<i64>,
+}
+
+/// Continues (or starts) the chain of the newest snapshot this cluster committed — the
+/// store's, or one the daemon just reported — and runs it until it stops. `None`: no
+/// snapshot to continue from yet.
+async fn one_chain(c: Chain<'_>) -> Result<Option<(Outcome, i64)>, String> {
+    let config = c.config;
+    let member = Member::connect(&config.etcd, &config.etcd.endpoints[0])
+        .await
+        .map_err(|e| e.to_string())?;
+    let cluster_id = format!(
+        "{:016x}",
+        member.status().await.map_err(|e| e.to_string())?.cluster_id
+    );
+    let listed = c.store.list().await.map_err(|e| e.to_string())?;
+    let mut base = listed.latest(Utc::now(), &cluster_id).cloned();
+    let notified = c.committed.borrow_and_update().clone();
+    for n in notified.into_iter().chain(c.fresh.cloned()) {
+        if base.as_ref().is_none_or(|b| n.revision > b.revision) {
+            base = Some(n);
+        }
+    }
+    let Some(base) = base.filter(|b| c.ended_at.is_none_or(|e| b.revision > e)) else {
+        return Ok(None);
+    };
+    writer::run_chain(writer::Input {
+        member: &member,
+        store: c.store,
+        settings: c.settings,
+        base: &base,
+        term: c.term,
+        newer: c.committed,
+        cancel: c.cancel,
+        observer: c.tracker,
+    })
+    .await
+    .map(|o| Some((o, base.revision)))
+}
+
 /// Runs continuous backup until shutdown (returns at once when `[continuous]` is off).
 /// `committed` carries each snapshot the daemon commits.
 pub async fn run(
@@ -196,38 +248,17 @@ pub async fn run(
         {
             tracker.lag(0.0);
         }
-        let r = async {
-            let member = Member::connect(&config.etcd, &config.etcd.endpoints[0])
-                .await
-                .map_err(|e| e.to_string())?;
-            let cluster_id = format!(
-                "{:016x}",
-                member.status().await.map_err(|e| e.to_string())?.cluster_id
-            );
-            let listed = store.list().await.map_err(|e| e.to_string())?;
-            let mut base = listed.latest(Utc::now(), &cluster_id).cloned();
-            let notified = committed.borrow_and_update().clone();
-            for n in notified.into_iter().chain(fresh.clone()) {
-                if base.as_ref().is_none_or(|b| n.revision > b.revision) {
-                    base = Some(n);
-                }
-            }
-            let Some(base) = base.filter(|b| ended_at.is_none_or(|e| b.revision > e)) else {
-                return Ok(None);
-            };
-            writer::run_chain(writer::Input {
-                member: &member,
-                store: &store,
-                settings: &settings,
-                base: &base,
-                term: term.as_deref(),
-                newer: &mut committed,
-                cancel: &cancel,
-                observer: tracker.as_ref(),
-            })
-            .await
-            .map(|o| Some((o, base.revision)))
-        }
+        let r = one_chain(Chain {
+            config: &config,
+            store: &store,
+            settings: &settings,
+            term: term.as_deref(),
+            committed: &mut committed,
+            cancel: &cancel,
+            tracker: &tracker,
+            fresh: fresh.as_ref(),
+            ended_at,
+        })
         .await;
         match r {
             Ok(Some((Outcome::Superseded, _))) => continue,
