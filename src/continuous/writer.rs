@@ -502,43 +502,66 @@ pub async fn run_chain(input: Input<'_>) -> Result<Outcome, String> {
                         return Ok(Outcome::Ended);
                     }
                     Some(WatchItem::Events { events, .. }) => {
-                        if events.is_empty() {
-                            continue;
-                        }
-                        let groups = group_events(events, Utc::now().timestamp_millis());
-                        for g in groups {
-                            if open.is_none() {
-                                let after = chain.reach;
-                                open = Some(open_segment(input.settings, after).map_err(|e| format!(
-                                    "cannot create a segment spool file in {}: {e}; check backup.spool_dir",
-                                    input.settings.spool_dir.display()
-                                ))?);
-                            }
-                            let o = open.as_mut().expect("opened above");
-                            if let Err(e) = o.writer.push(&g) {
-                                if let super::segment::SegmentError::Io(e) = e {
-                                    return Err(format!("cannot write the segment spool file: {e}; check backup.spool_dir"));
-                                }
-                                // A hole in the watch (events were lost), or the spool
-                                // failed: commit what is whole, end the chain where it
-                                // is still true.
-                                let o = open.take().expect("opened above");
-                                if o.writer.revisions() > 0 && !chain.seal(o).await? {
-                                    return Ok(Outcome::Stopped);
-                                }
-                                chain.record_end(format!("the watch skipped revisions: {e}"), None).await;
-                                return Ok(Outcome::Ended);
-                            }
-                            if o.writer.bytes() >= input.settings.max_bytes {
-                                let o = open.take().expect("opened above");
-                                if !chain.seal(o).await? {
-                                    return Ok(Outcome::Stopped);
-                                }
-                            }
+                        if let Some(outcome) =
+                            take_events(&mut chain, &mut open, input.settings, events).await?
+                        {
+                            return Ok(outcome);
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Adds the events of one watch response to the open segment (opening one when needed) and
+/// seals it once it is full. `Some` when the chain run is over: the term ended while
+/// sealing, or the watch skipped revisions (the chain ends where it is still whole).
+async fn take_events(
+    chain: &mut Chain<'_>,
+    open: &mut Option<Open>,
+    settings: &Settings,
+    events: Vec<KvEvent>,
+) -> Result<Option<Outcome>, String> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let groups = group_events(events, Utc::now().timestamp_millis());
+    for g in groups {
+        if open.is_none() {
+            let after = chain.reach;
+            *open = Some(open_segment(settings, after).map_err(|e| {
+                format!(
+                    "cannot create a segment spool file in {}: {e}; check backup.spool_dir",
+                    settings.spool_dir.display()
+                )
+            })?);
+        }
+        let o = open.as_mut().expect("opened above");
+        if let Err(e) = o.writer.push(&g) {
+            if let super::segment::SegmentError::Io(e) = e {
+                return Err(format!(
+                    "cannot write the segment spool file: {e}; check backup.spool_dir"
+                ));
+            }
+            // A hole in the watch (events were lost), or the spool
+            // failed: commit what is whole, end the chain where it
+            // is still true.
+            let o = open.take().expect("opened above");
+            if o.writer.revisions() > 0 && !chain.seal(o).await? {
+                return Ok(Some(Outcome::Stopped));
+            }
+            chain
+                .record_end(format!("the watch skipped revisions: {e}"), None)
+                .await;
+            return Ok(Some(Outcome::Ended));
+        }
+        if o.writer.bytes() >= settings.max_bytes {
+            let o = open.take().expect("opened above");
+            if !chain.seal(o).await? {
+                return Ok(Some(Outcome::Stopped));
+            }
+        }
+    }
+    Ok(None)
 }
