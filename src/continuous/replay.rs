@@ -133,23 +133,7 @@ pub async fn restore_to(
         return Err("a point-in-time restore replays events into a throwaway etcd: etcd and etcdutl were not found (put them on PATH or set [drill] etcd_dir)".into());
     };
 
-    let spool = &cfg.backup.spool_dir;
-    std::fs::create_dir_all(spool).map_err(|e| {
-        format!(
-            "cannot create {}: {e}; check backup.spool_dir",
-            spool.display()
-        )
-    })?;
-    let dir = spool.join(format!("pitr-{}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| {
-            format!(
-                "cannot create {}: {e}; check backup.spool_dir",
-                dir.display()
-            )
-        })?;
+    let dir = scratch_dir(&cfg.backup.spool_dir)?;
     let _scratch = Scratch(dir.clone());
     let base_file = dir.join("base.db");
     crate::restore::fetch_to_file(store, &base, &base_file, None, identities.as_deref())
@@ -160,7 +144,6 @@ pub async fn restore_to(
     // original ones; unix sockets only.
     let data = dir.join("data");
     let peer = format!("unix://{PEER_SOCKET}");
-    let client = format!("unix://{CLIENT_SOCKET}");
     let initial_cluster = format!("pitr={peer}");
     let token = etcdutl::cluster_token(&base.id);
     etcdutl::run(
@@ -177,42 +160,7 @@ pub async fn restore_to(
     )
     .await?;
     let _ = std::fs::remove_file(&base_file);
-    let mut cmd = tokio::process::Command::new(&etcd_bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
-            cmd.env_remove(k);
-        }
-    }
-    let log = dir.join("etcd.log");
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let mut child = cmd
-        .current_dir(&dir)
-        .args(["--name", "pitr", "--data-dir"])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &initial_cluster])
-        .args(["--initial-cluster-token", &token])
-        // Large transactions replay as one request each.
-        .args(["--max-request-bytes", "67108864"])
-        .args(["--max-txn-ops", "1000000"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", etcd_bin.display()))?;
+    let (mut child, log) = start_etcd(&etcd_bin, &dir, &data, &token)?;
     let socket = dir.join(CLIENT_SOCKET);
     let r = replay(cfg, store, &plan, &socket, output, identities, &mut child).await;
     let _ = child.kill().await;
@@ -239,6 +187,78 @@ pub async fn restore_to(
         size,
         duration: started.elapsed(),
     })
+}
+
+/// A private (0700) scratch directory for one point-in-time restore under the spool
+/// directory.
+fn scratch_dir(spool: &Path) -> Result<std::path::PathBuf, String> {
+    std::fs::create_dir_all(spool).map_err(|e| {
+        format!(
+            "cannot create {}: {e}; check backup.spool_dir",
+            spool.display()
+        )
+    })?;
+    let dir = spool.join(format!("pitr-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e}; check backup.spool_dir",
+                dir.display()
+            )
+        })?;
+    Ok(dir)
+}
+
+/// Starts the throwaway etcd on `data`, on unix sockets inside `dir` only; its log goes to
+/// `dir/etcd.log` (returned).
+fn start_etcd(
+    etcd_bin: &Path,
+    dir: &Path,
+    data: &Path,
+    token: &str,
+) -> Result<(tokio::process::Child, std::path::PathBuf), String> {
+    let peer = format!("unix://{PEER_SOCKET}");
+    let client = format!("unix://{CLIENT_SOCKET}");
+    let initial_cluster = format!("pitr={peer}");
+    let mut cmd = tokio::process::Command::new(etcd_bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
+            cmd.env_remove(k);
+        }
+    }
+    let log = dir.join("etcd.log");
+    let log_file =
+        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let child = cmd
+        .current_dir(dir)
+        .args(["--name", "pitr", "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &initial_cluster])
+        .args(["--initial-cluster-token", token])
+        // Large transactions replay as one request each.
+        .args(["--max-request-bytes", "67108864"])
+        .args(["--max-txn-ops", "1000000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", etcd_bin.display()))?;
+    Ok((child, log))
 }
 
 async fn connect(
