@@ -76,7 +76,7 @@ done
 for f in snapshot.db.zst manifest.json; do
   [ -f "/var/lib/etcd-backup/backups/kubernetes/20260101T000000Z-abcdef/$f" ] || fail "purge deleted a backup ($f)"
 done
-echo "$purge_out" | grep -q "purge kept /var/lib/etcd-backup" || fail "purge does not say where the backups are"
+[[ "$purge_out" == *"purge kept /var/lib/etcd-backup"* ]] || fail "purge does not say where the backups are"
 pass "purge removed the package, config and spool, and kept the backups"
 rm -rf /var/lib/etcd-backup
 # Without backups, purge leaves nothing.
