@@ -92,8 +92,7 @@ impl Drop for Scratch {
     }
 }
 
-const CLIENT_SOCKET: &str = "client:1";
-const PEER_SOCKET: &str = "peer:1";
+use crate::restore::etcdutl::{CLIENT_SOCKET, PEER_SOCKET};
 
 /// Restores `target` into the new snapshot file `output`.
 ///
@@ -144,7 +143,7 @@ pub async fn restore_to(
     // original ones; unix sockets only.
     let data = dir.join("data");
     let peer = format!("unix://{PEER_SOCKET}");
-    let initial_cluster = format!("pitr={peer}");
+    let initial_cluster = etcdutl::throwaway_initial_cluster("pitr");
     let token = etcdutl::cluster_token(&base.id);
     etcdutl::run(
         &etcdutl_bin,
@@ -160,7 +159,20 @@ pub async fn restore_to(
     )
     .await?;
     let _ = std::fs::remove_file(&base_file);
-    let (mut child, log) = start_etcd(&etcd_bin, &dir, &data, &token)?;
+    // Large transactions replay as one request each.
+    let (mut child, log) = etcdutl::start_throwaway_etcd(
+        &etcd_bin,
+        &dir,
+        &data,
+        "pitr",
+        &token,
+        &[
+            "--max-request-bytes",
+            "67108864",
+            "--max-txn-ops",
+            "1000000",
+        ],
+    )?;
     let socket = dir.join(CLIENT_SOCKET);
     let r = replay(cfg, store, &plan, &socket, output, identities, &mut child).await;
     let _ = child.kill().await;
@@ -209,56 +221,6 @@ fn scratch_dir(spool: &Path) -> Result<std::path::PathBuf, String> {
             )
         })?;
     Ok(dir)
-}
-
-/// Starts the throwaway etcd on `data`, on unix sockets inside `dir` only; its log goes to
-/// `dir/etcd.log` (returned).
-fn start_etcd(
-    etcd_bin: &Path,
-    dir: &Path,
-    data: &Path,
-    token: &str,
-) -> Result<(tokio::process::Child, std::path::PathBuf), String> {
-    let peer = format!("unix://{PEER_SOCKET}");
-    let client = format!("unix://{CLIENT_SOCKET}");
-    let initial_cluster = format!("pitr={peer}");
-    let mut cmd = tokio::process::Command::new(etcd_bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
-            cmd.env_remove(k);
-        }
-    }
-    let log = dir.join("etcd.log");
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let child = cmd
-        .current_dir(dir)
-        .args(["--name", "pitr", "--data-dir"])
-        .arg(data)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &initial_cluster])
-        .args(["--initial-cluster-token", token])
-        // Large transactions replay as one request each.
-        .args(["--max-request-bytes", "67108864"])
-        .args(["--max-txn-ops", "1000000"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", etcd_bin.display()))?;
-    Ok((child, log))
 }
 
 async fn connect(

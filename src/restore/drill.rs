@@ -228,8 +228,7 @@ pub async fn run(
 
 /// The drill's socket URLs: etcd wants `host:port` in a unix URL and makes a socket file of
 /// that name in its working directory (the drill's directory).
-const CLIENT_SOCKET: &str = "client:1";
-const PEER_SOCKET: &str = "peer:1";
+use etcdutl::{CLIENT_SOCKET, PEER_SOCKET};
 /// The longest path `connect(2)` takes for a unix socket (`sun_path` is 108 bytes).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -245,8 +244,7 @@ async fn restore_and_check(
 ) -> Result<(i64, u64), String> {
     let data = dir.join("data");
     let peer = format!("unix://{PEER_SOCKET}");
-    let client = format!("unix://{CLIENT_SOCKET}");
-    let initial_cluster = format!("drill={peer}");
+    let initial_cluster = etcdutl::throwaway_initial_cluster("drill");
     let token = etcdutl::cluster_token(&m.id);
     etcdutl::run(
         etcdutl,
@@ -261,40 +259,7 @@ async fn restore_and_check(
         },
     )
     .await?;
-    let mut cmd = tokio::process::Command::new(etcd);
-    // etcd reads ETCD_* variables as flags; start it with none.
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
-            cmd.env_remove(k);
-        }
-    }
-    let log = dir.join("etcd.log");
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let mut child = cmd
-        .current_dir(dir)
-        .args(["--name", "drill", "--data-dir"])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &initial_cluster])
-        .args(["--initial-cluster-token", &token])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", etcd.display()))?;
+    let (mut child, log) = etcdutl::start_throwaway_etcd(etcd, dir, &data, "drill", &token, &[])?;
     let endpoint = format!("unix://{}", dir.join(CLIENT_SOCKET).display());
     let expected = m.revision.saturating_add_unsigned(bump.unwrap_or(0));
     let r = check(&endpoint, m, expected, &mut child, timeout).await;

@@ -208,6 +208,70 @@ pub fn choose_bump(restored: &Manifest, all: &[Manifest], now: DateTime<Utc>) ->
     }
 }
 
+/// The client socket of a throwaway etcd, relative to its directory.
+pub const CLIENT_SOCKET: &str = "client:1";
+/// The peer socket of a throwaway etcd, relative to its directory.
+pub const PEER_SOCKET: &str = "peer:1";
+
+/// The `--initial-cluster` of a throwaway member called `name`.
+pub fn throwaway_initial_cluster(name: &str) -> String {
+    format!("{name}=unix://{PEER_SOCKET}")
+}
+
+/// Starts a throwaway etcd member `name` on the restored `data` directory, listening on
+/// unix sockets inside `dir` only (run in `dir`; nothing on TCP), with no `ETCD_*`
+/// variables (etcd reads them as flags). Its log goes to `dir/etcd.log`, returned with
+/// the child, which is killed when dropped. `extra` flags are added.
+///
+/// # Errors
+/// When the log file cannot be created or etcd cannot be started.
+pub fn start_throwaway_etcd(
+    etcd: &Path,
+    dir: &Path,
+    data: &Path,
+    name: &str,
+    token: &str,
+    extra: &[&str],
+) -> Result<(tokio::process::Child, PathBuf), String> {
+    let peer = format!("unix://{PEER_SOCKET}");
+    let client = format!("unix://{CLIENT_SOCKET}");
+    let mut cmd = tokio::process::Command::new(etcd);
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
+            cmd.env_remove(k);
+        }
+    }
+    let log = dir.join("etcd.log");
+    let log_file =
+        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let child = cmd
+        .current_dir(dir)
+        .args(["--name", name, "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &throwaway_initial_cluster(name)])
+        .args(["--initial-cluster-token", token])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", etcd.display()))?;
+    Ok((child, log))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
