@@ -44,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Time allowed for the tasks to finish after shutdown was requested.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a stopping daemon tries once more to abort the uploads of its failed cycles.
+const LEFTOVER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How often a long operation beats the heartbeat while it runs.
 const BEAT_EVERY: Duration = Duration::from_secs(1);
@@ -333,7 +335,12 @@ impl Daemon {
             let (role, term) = self.observe_role().await;
             let newest = self.newest.take();
             match self.sched.next(Utc::now(), role, newest) {
-                Action::Wait(d) => self.wait(d.min(self.max_sleep)).await?,
+                Action::Wait(d) => {
+                    // Uploads of failed cycles whose abort failed are retried while
+                    // waiting, leader or not: they are this node's own.
+                    self.clean_leftovers().await;
+                    self.wait(d.min(self.max_sleep)).await?;
+                }
                 Action::CheckStore => self.check_store().await,
                 Action::Run { slot, reason } => self.cycle(slot, reason, term).await?,
             }
@@ -534,15 +541,7 @@ impl Daemon {
         if let Some((when, _)) = self.sched.planned_retry() {
             tracing::info!(at = %when, "the failed backup is retried once before the next slot (backup.retry_after)");
         }
-        if !self.leftovers.is_empty() && !self.cancel.is_cancelled() {
-            let bound = st.config.backup.timeout;
-            beating(
-                &self.heartbeat,
-                bound,
-                clean_leftovers(&st.store, &mut self.leftovers),
-            )
-            .await;
-        }
+        self.clean_leftovers().await;
         let missed = scheduler::slots_between(&st.config.schedule.parsed, slot, Utc::now());
         if missed > 0 && reason == Reason::Scheduled {
             tracing::warn!(
@@ -611,6 +610,22 @@ impl Daemon {
         }
     }
 
+    /// Retries the aborts of failed cycles' uploads, while the store answers (bounded by
+    /// the cycle timeout, feeding the watchdog).
+    async fn clean_leftovers(&mut self) {
+        if self.leftovers.is_empty() || self.cancel.is_cancelled() {
+            return;
+        }
+        let store = self.state.store.clone();
+        let bound = self.state.config.backup.timeout;
+        beating(
+            &self.heartbeat,
+            bound,
+            clean_leftovers(&store, &mut self.leftovers),
+        )
+        .await;
+    }
+
     /// Stops every task (the election resigns and revokes its lease), bounded.
     async fn stop(&mut self) {
         systemd::stopping();
@@ -621,6 +636,18 @@ impl Daemon {
         {
             tracing::warn!("background tasks did not stop in time");
             self.tasks.abort_all();
+        }
+        // A last try at this node's own failed uploads (bounded), so that none is left
+        // for the next leader or for prune to find.
+        if !self.leftovers.is_empty() {
+            let store = self.state.store.clone();
+            let clean = clean_leftovers(&store, &mut self.leftovers);
+            if tokio::time::timeout(LEFTOVER_DEADLINE, clean)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the incomplete uploads of failed cycles could not be aborted before exiting; the next leader aborts them");
+            }
         }
         tracing::info!("etcd-backup daemon stopped");
     }
