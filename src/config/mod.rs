@@ -679,6 +679,17 @@ pub const MAX_CYCLE_TIMEOUT: Duration = Duration::from_secs(7 * 86400);
 struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
+    /// An optional cron expression (`None`: off), parsed in `tz`; a bad one is a problem.
+    fn optional_cron(&mut self, key: &str, text: Option<&str>, tz: Tz) -> Option<Schedule> {
+        match Schedule::parse(text?, tz) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.push(key, e);
+                None
+            }
+        }
+    }
+
     fn push(&mut self, key: &str, message: impl Into<String>) {
         self.0.push(ConfigProblem {
             key: key.to_string(),
@@ -1269,16 +1280,7 @@ impl Config {
     }
 
     fn drill_from_raw(r: raw::Drill, tz: Tz, p: &mut Problems) -> DrillConfig {
-        let schedule = r
-            .cron
-            .as_deref()
-            .and_then(|c| match Schedule::parse(c, tz) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    p.push("drill.cron", e);
-                    None
-                }
-            });
+        let schedule = p.optional_cron("drill.cron", r.cron.as_deref(), tz);
         let etcd_dir = r.etcd_dir.map(PathBuf::from);
         if let Some(d) = &etcd_dir {
             if !d.is_absolute() {
@@ -1294,16 +1296,7 @@ impl Config {
     }
 
     fn defrag_from_raw(r: raw::Defrag, tz: Tz, p: &mut Problems) -> DefragConfig {
-        let schedule = r
-            .cron
-            .as_deref()
-            .and_then(|c| match Schedule::parse(c, tz) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    p.push("defrag.cron", e);
-                    None
-                }
-            });
+        let schedule = p.optional_cron("defrag.cron", r.cron.as_deref(), tz);
         let min_free_ratio = r.min_free_ratio.unwrap_or(0.3);
         if !(0.0..1.0).contains(&min_free_ratio) {
             p.push(
