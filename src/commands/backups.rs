@@ -2,6 +2,7 @@
 
 use super::{failed, open_store, CommandError};
 use crate::config::Config;
+use crate::continuous::chain::ChainReport;
 use crate::store::manifest::{printable, Manifest};
 use crate::units::human_bytes;
 use crate::{restore as fetch, verify};
@@ -109,6 +110,45 @@ pub(super) fn marks(
     out
 }
 
+/// The continuous-backup chain of every backup that has one, verified from its segment
+/// manifests (not from the segments: `verify` reads those).
+pub(super) async fn chains(
+    store: &crate::store::BackupStore,
+    listing: &crate::store::Listing,
+) -> std::collections::BTreeMap<crate::store::naming::BackupId, Result<ChainReport, String>> {
+    use futures::StreamExt;
+    futures::stream::iter(
+        listing
+            .backups
+            .iter()
+            .filter(|m| listing.chain_objects.contains_key(&m.id)),
+    )
+    .map(|m| async move {
+        (
+            m.id.clone(),
+            crate::continuous::writer::load_chain(store, m).await,
+        )
+    })
+    .buffered(4)
+    .collect()
+    .await
+}
+
+/// How far a backup's chain reaches, for `list`: the revision and when it was observed
+/// (`None` without a chain, or when its chain could not be read).
+fn covered_to(
+    chains: &std::collections::BTreeMap<
+        crate::store::naming::BackupId,
+        Result<ChainReport, String>,
+    >,
+    m: &Manifest,
+) -> Option<(i64, chrono::DateTime<chrono::Utc>)> {
+    match chains.get(&m.id) {
+        Some(Ok(c)) if !c.path.is_empty() => Some((c.reach_revision, c.reach_time)),
+        _ => None,
+    }
+}
+
 pub(super) async fn list(
     cfg: &Config,
     json: bool,
@@ -118,6 +158,18 @@ pub(super) async fn list(
     let listing = store.list().await.map_err(failed)?;
     for (key, why) in &listing.unreadable {
         tracing::warn!(key = %printable(key), reason = %printable(why), "ignoring a manifest that cannot be read");
+    }
+    let chains = chains(&store, &listing).await;
+    for (id, c) in &chains {
+        match c {
+            Err(e) => {
+                tracing::warn!(id = %id, error = %printable(e), "the continuous-backup chain of this backup cannot be read");
+            }
+            Ok(c) if !c.problems.is_empty() => {
+                tracing::warn!(id = %id, problems = c.problems.len(), "the continuous-backup chain of this backup has problems: run `etcd-backup verify` on it");
+            }
+            Ok(_) => {}
+        }
     }
     let local = match cluster_for(cfg, cluster_id, "marking other clusters' backups").await {
         Ok(c) => Some(c),
@@ -137,6 +189,11 @@ pub(super) async fn list(
                 let mk = marks(m, now, local.as_deref());
                 v["foreign"] = mk.contains(&"foreign").into();
                 v["future"] = mk.contains(&"future").into();
+                let covered = covered_to(&chains, m);
+                v["covered_to_revision"] = covered.map(|c| c.0).into();
+                v["covered_to_time"] = covered
+                    .map(|c| c.1.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .into();
                 v
             })
             .collect();
@@ -152,7 +209,7 @@ pub(super) async fn list(
         );
         return Ok(());
     }
-    let rows: Vec<[String; 11]> = listing
+    let rows: Vec<[String; 12]> = listing
         .backups
         .iter()
         .map(|m| {
@@ -162,6 +219,10 @@ pub(super) async fn list(
                 m.id.to_string(),
                 m.time.format("%Y-%m-%d %H:%M:%SZ").to_string(),
                 m.revision.to_string(),
+                covered_to(&chains, m).map_or_else(
+                    || "-".to_string(),
+                    |(r, t)| format!("{r} ({})", t.format("%Y-%m-%d %H:%M:%SZ")),
+                ),
                 human_bytes(m.size),
                 human_bytes(m.stored_size),
                 m.compression.to_string(),
@@ -181,6 +242,7 @@ pub(super) async fn list(
         "ID",
         "TIME (UTC)",
         "REVISION",
+        "CONTINUOUS TO",
         "SIZE",
         "STORED",
         "COMPRESSION",
@@ -387,6 +449,8 @@ pub(super) async fn verify_backups(
     let tmp = tempdir_in(&cfg.backup.spool_dir)?;
     let mut results = Vec::new();
     let mut bad = 0;
+    let chosen_ids: Vec<crate::store::naming::BackupId> =
+        chosen.iter().map(|m| m.id.clone()).collect();
     for m in chosen {
         let dest = tmp.join(format!("{}.db", m.id));
         let r = fetch::fetch_to_file(&store, m, &dest, None, identities.as_ref()).await;
@@ -414,6 +478,39 @@ pub(super) async fn verify_backups(
             }
         }
     }
+    let chained: Vec<&Manifest> = chosen_ids
+        .iter()
+        .filter_map(|id| listing.backups.iter().find(|m| &m.id == id))
+        .filter(|m| listing.chain_objects.contains_key(&m.id))
+        .collect();
+    let identities = identities.map(std::sync::Arc::new);
+    for m in chained {
+        let r = verify_chain(&store, m, &tmp, identities.clone()).await;
+        match r {
+            Ok(c) => {
+                if !json {
+                    println!(
+                        "{}: continuous backup OK: {} segments verified, revisions {}..={} (to {})",
+                        m.id,
+                        c.segments,
+                        m.revision + 1,
+                        c.reach_revision,
+                        c.reach_time
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    );
+                }
+                results.push(serde_json::json!({"id": m.id, "chain": true, "ok": true, "segments": c.segments, "covered_to_revision": c.reach_revision, "covered_to_time": c.reach_time}));
+            }
+            Err(e) => {
+                bad += 1;
+                if !json {
+                    println!("{}: continuous backup FAILED: {e}", m.id);
+                }
+                results
+                    .push(serde_json::json!({"id": m.id, "chain": true, "ok": false, "error": e}));
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     if json {
         println!(
@@ -428,6 +525,42 @@ pub(super) async fn verify_backups(
         )));
     }
     Ok(())
+}
+
+/// What a verified chain covers.
+struct VerifiedChain {
+    segments: usize,
+    reach_revision: i64,
+    reach_time: chrono::DateTime<chrono::Utc>,
+}
+
+/// Verifies the continuous-backup chain based on `m`: the hash chain of its segment
+/// manifests, then every segment on it, downloaded and read through.
+async fn verify_chain(
+    store: &crate::store::BackupStore,
+    m: &Manifest,
+    scratch: &std::path::Path,
+    identities: Option<std::sync::Arc<crate::codec::crypt::Identities>>,
+) -> Result<VerifiedChain, String> {
+    let c = crate::continuous::writer::load_chain(store, m).await?;
+    if let Some(p) = c.problems.first() {
+        return Err(format!(
+            "{p}{}",
+            if c.problems.len() > 1 {
+                format!(" (and {} more problems)", c.problems.len() - 1)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    for s in &c.path {
+        crate::continuous::replay::check_segment(store, s, scratch, identities.clone()).await?;
+    }
+    Ok(VerifiedChain {
+        segments: c.path.len(),
+        reach_revision: c.reach_revision,
+        reach_time: c.reach_time,
+    })
 }
 
 /// A private scratch directory under the spool directory.

@@ -74,7 +74,9 @@ pub enum Command {
         cluster_id: Option<String>,
     },
     /// Verify backups end to end (download, decompress, sha256 against the manifest, the
-    /// built-in snapshot verifier), or a local snapshot file with `--file`.
+    /// built-in snapshot verifier), with the continuous-backup chain based on each (hash
+    /// chain, every segment downloaded and read through), or a local snapshot file with
+    /// `--file`.
     Verify {
         /// Configuration file (for backups in the store).
         #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
@@ -151,6 +153,11 @@ pub enum Command {
         /// (RFC 3339, e.g. 2026-12-01T10:15:00Z).
         #[arg(long, value_name = "RFC3339", conflicts_with = "data_dir")]
         to_time: Option<String>,
+        /// With continuous backup, `latest` is the newest committed revision (the newest
+        /// snapshot plus the segments after it, replayed: needs etcd and etcdutl). This
+        /// restores the newest snapshot alone.
+        #[arg(long, conflicts_with_all = ["to_revision", "to_time"])]
+        snapshot_only: bool,
     },
     /// Delete expired backups by the `[retention]` policy (and orphaned uploads).
     Prune {

@@ -96,6 +96,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
             bump_revision,
             to_revision,
             to_time,
+            snapshot_only,
         } => {
             let cfg = Config::load(&config.config)?;
             if to_revision.is_some() || to_time.is_some() {
@@ -116,7 +117,16 @@ pub async fn dispatch(cmd: Command) -> Result<(), CommandError> {
                 cluster_id,
             };
             let bump = restore::BumpChoice::from_flags(no_bump, bump_revision);
-            restore::restore(&cfg, &which, &output, member, identity.as_deref(), bump).await
+            restore::restore(
+                &cfg,
+                &which,
+                &output,
+                member,
+                identity.as_deref(),
+                bump,
+                snapshot_only,
+            )
+            .await
         }
         Command::Prune {
             config,

@@ -61,6 +61,7 @@ pub(super) async fn restore(
     member: Option<RestoreMember>,
     identity: Option<&std::path::Path>,
     bump: BumpChoice,
+    snapshot_only: bool,
 ) -> Result<(), CommandError> {
     use crate::restore::runbook::{self, RunbookInput};
     let identities =
@@ -77,20 +78,48 @@ pub(super) async fn restore(
     let tool = find_etcdutl(member.is_some()).await?;
     let store = open_store(cfg)?;
     let listing = store.list().await.map_err(failed)?;
-    let m = pick(cfg, &listing, which).await?;
-    let progress = crate::progress::Progress::new("download");
-    let rep = fetch::fetch_to_file(&store, m, output, Some(&progress), identities.as_ref()).await;
-    progress.finish();
-    let rep = rep.map_err(failed)?;
+    // `latest` is the newest committed revision: with continuous backup, past the newest
+    // snapshot. The cluster is learned once, for both.
+    let cluster = if which.backup == "latest" {
+        Some(super::backups::cluster_for(cfg, which.cluster_id.clone(), "`latest`").await?)
+    } else {
+        None
+    };
+    let which = Which {
+        backup: which.backup,
+        cluster_id: cluster.clone().or_else(|| which.cluster_id.clone()),
+    };
+    let m = pick(cfg, &listing, &which).await?;
     let out = std::path::absolute(output).unwrap_or_else(|_| output.to_path_buf());
-    println!(
-        "restored backup {} (revision {}, {} live keys, taken {}) to {}; sha256 and snapshot structure verified",
-        m.id,
-        rep.verify.revision,
-        rep.verify.live_keys,
-        m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        out.display()
-    );
+    let chained = cluster.as_deref().filter(|c| {
+        !snapshot_only
+            && listing
+                .backups
+                .iter()
+                .any(|b| b.cluster_id == *c && listing.chain_objects.contains_key(&b.id))
+    });
+    let replayed = match chained {
+        Some(c) => latest_point(cfg, &store, &listing, c, m, output, identity).await?,
+        None => None,
+    };
+    let m = if let Some(m) = &replayed {
+        m
+    } else {
+        let progress = crate::progress::Progress::new("download");
+        let rep =
+            fetch::fetch_to_file(&store, m, output, Some(&progress), identities.as_ref()).await;
+        progress.finish();
+        let rep = rep.map_err(failed)?;
+        println!(
+            "restored backup {} (revision {}, {} live keys, taken {}) to {}; sha256 and snapshot structure verified",
+            m.id,
+            rep.verify.revision,
+            rep.verify.live_keys,
+            m.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            out.display()
+        );
+        m
+    };
     let plan = bump_plan(bump, m, &listing.backups, tool.as_ref());
     let snapshot = out.display().to_string();
     println!();
@@ -108,6 +137,65 @@ pub(super) async fn restore(
         run_etcdutl(tool, member, m, &out, plan).await?;
     }
     Ok(())
+}
+
+/// `restore latest` with continuous backup: when a chain reaches past the newest snapshot
+/// `newest`, replays it to its newest committed revision into `output` and returns the
+/// base snapshot's manifest at that revision (for the runbook); `None` when no segment
+/// reaches past the snapshot.
+async fn latest_point(
+    cfg: &Config,
+    store: &crate::store::BackupStore,
+    listing: &crate::store::Listing,
+    cluster: &str,
+    newest: &Manifest,
+    output: &std::path::Path,
+    identity: Option<&std::path::Path>,
+) -> Result<Option<Manifest>, CommandError> {
+    use crate::continuous::chain::{Stop, Target};
+    use crate::continuous::replay;
+    let plan = replay::plan(store, cluster, Target::Latest)
+        .await
+        .map_err(|e| failed(format!("reading the continuous-backup chains failed: {e}; `restore latest --snapshot-only` restores snapshot {} alone (revision {})", newest.id, newest.revision)))?;
+    let reach = match plan.stop {
+        Stop::AtRevision(r) => r,
+        Stop::AtTime(_) => plan.segments.last().map_or(0, |s| s.last_revision),
+    };
+    if plan.segments.is_empty() || reach <= newest.revision {
+        return Ok(None);
+    }
+    let rep = replay::restore_to(cfg, store, cluster, Target::Latest, output, identity)
+        .await
+        .map_err(|e| {
+            failed(format!(
+                "restoring the newest committed revision {reach} (a snapshot plus continuous-backup segments) failed: {e}; `restore latest --snapshot-only` restores snapshot {} alone (revision {})",
+                newest.id, newest.revision
+            ))
+        })?;
+    let out = std::path::absolute(output).unwrap_or_else(|_| output.to_path_buf());
+    println!(
+        "restored the newest committed revision {} (last observed {}) to {}: snapshot {} at revision {} plus {} revisions from {} continuous-backup segments, in {:.1}s; sha256, hash chain and snapshot structure verified",
+        rep.revision,
+        rep.observed_at.map_or_else(|| "-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        out.display(),
+        rep.base,
+        rep.base_revision,
+        rep.replayed,
+        rep.segments,
+        rep.duration.as_secs_f64()
+    );
+    println!(
+        "(`--snapshot-only` restores snapshot {} alone, at revision {})",
+        newest.id, newest.revision
+    );
+    let mut base = listing
+        .backups
+        .iter()
+        .find(|b| b.id.to_string() == rep.base)
+        .unwrap_or(newest)
+        .clone();
+    base.revision = rep.revision;
+    Ok(Some(base))
 }
 
 /// The etcdutl on `PATH` and what it supports: it runs `--data-dir` and decides the

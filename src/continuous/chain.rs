@@ -29,9 +29,8 @@ use std::fmt;
 
 /// The segment manifest format this build writes (and the newest it reads).
 pub const FORMAT_VERSION: u32 = 1;
-/// Directory of a chain's segments inside its base backup's directory.
-pub const SEGMENTS_DIR: &str = "segments";
-const SEGMENT_INFIX: &str = ".seg";
+pub use crate::store::naming::SEGMENTS_DIR;
+use crate::store::naming::{ChainName, ObjectKind, SEGMENT_INFIX};
 
 /// The manifest of one committed segment: the commit marker, written after the segment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,39 +242,12 @@ pub enum SegmentKey {
 
 /// What `key` is, or `None` for anything that is not a chain's object.
 pub fn classify(layout: &Layout, key: &str) -> Option<SegmentKey> {
-    let rest = key.strip_prefix(layout.base())?.strip_prefix('/')?;
-    let (id, rest) = rest.split_once('/')?;
-    let id: BackupId = id.parse().ok()?;
-    let name = rest.strip_prefix(SEGMENTS_DIR)?.strip_prefix('/')?;
-    if name.contains('/') {
-        return None;
+    match layout.classify(key)? {
+        ObjectKind::Chain(id, ChainName::Manifest) => Some(SegmentKey::Manifest(id)),
+        ObjectKind::Chain(id, ChainName::Object) => Some(SegmentKey::Object(id)),
+        ObjectKind::Chain(id, ChainName::End) => Some(SegmentKey::End(id)),
+        _ => None,
     }
-    if let Some(n) = name
-        .strip_prefix("end-")
-        .and_then(|n| n.strip_suffix(".json"))
-    {
-        return (n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
-            .then_some(SegmentKey::End(id));
-    }
-    let stem_ok = |s: &str| {
-        let parts: Vec<&str> = s.split('-').collect();
-        parts.len() == 3
-            && parts[0].len() == 20
-            && parts[1].len() == 20
-            && parts[..2]
-                .iter()
-                .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
-            && !parts[2].is_empty()
-            && parts[2].bytes().all(|b| b.is_ascii_hexdigit())
-    };
-    if let Some(s) = name.strip_suffix(".json") {
-        return stem_ok(s).then_some(SegmentKey::Manifest(id));
-    }
-    let (s, tail) = name.split_once(SEGMENT_INFIX)?;
-    let tail = tail
-        .strip_suffix(crate::codec::crypt::SUFFIX)
-        .unwrap_or(tail);
-    (stem_ok(s) && ["", ".zst", ".gz"].contains(&tail)).then_some(SegmentKey::Object(id))
 }
 
 // ---- verification ----

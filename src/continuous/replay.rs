@@ -83,12 +83,14 @@ pub async fn plan(store: &BackupStore, cluster_id: &str, target: Target) -> Resu
     chain::plan(&reports, target).map_err(|e| e.to_string())
 }
 
-/// Removes the scratch directory when dropped.
+/// Removes the scratch directory (or file) when dropped.
 struct Scratch(PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::fs::remove_dir_all(&self.0).is_err() {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -317,6 +319,46 @@ async fn download(
         ));
     }
     Ok(())
+}
+
+/// Downloads segment `m` into the directory `scratch` and reads it through: its stored
+/// size and sha256, decryption, decompression, every record, and the decoded summary
+/// against the manifest. Returns the number of revisions read. The file is removed after.
+///
+/// # Errors
+/// What is wrong with the segment, or why it could not be read.
+pub async fn check_segment(
+    store: &BackupStore,
+    m: &chain::SegmentManifest,
+    scratch: &Path,
+    identities: Option<Arc<crate::codec::crypt::Identities>>,
+) -> Result<u64, String> {
+    let path = scratch.join(format!("{}.seg", m.stem()));
+    let _ = std::fs::remove_file(&path);
+    let removed = Scratch(path.clone());
+    let r = async {
+        download(store, m, &path).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (p, mm) = (path.clone(), m.clone());
+        let decoder = tokio::task::spawn_blocking(move || decode_thread(p, mm, identities, tx));
+        let mut revisions = 0u64;
+        while let Some(g) = rx.recv().await {
+            g?;
+            revisions += 1;
+        }
+        decoder.await.map_err(|e| e.to_string())?;
+        if revisions != m.revisions {
+            return Err(format!(
+                "segment {} holds {revisions} revisions, its manifest says {}",
+                m.stem(),
+                m.revisions
+            ));
+        }
+        Ok(revisions)
+    }
+    .await;
+    drop(removed);
+    r
 }
 
 /// Decodes a downloaded segment on a blocking thread, sending its groups (bounded queue)

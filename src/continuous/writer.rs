@@ -89,26 +89,38 @@ pub fn base_of(m: &Manifest) -> Base {
 pub async fn load_chain(store: &BackupStore, m: &Manifest) -> Result<ChainReport, String> {
     let layout = store.layout();
     let dir = chain::segments_dir(layout, &m.id);
+    use futures::{StreamExt, TryStreamExt};
     let keys = store.list_keys(&dir).await.map_err(|e| e.to_string())?;
+    let wanted: Vec<(String, bool)> = keys
+        .into_iter()
+        .filter_map(|key| match chain::classify(layout, &key) {
+            Some(SegmentKey::Manifest(_)) => Some((key, false)),
+            Some(SegmentKey::End(_)) => Some((key, true)),
+            _ => None,
+        })
+        .collect();
+    // Small objects, many of them (one per segment interval): fetched 16 at a time.
+    let fetched: Vec<(String, bool, bytes::Bytes)> = futures::stream::iter(wanted)
+        .map(|(key, end)| async move {
+            let b = store.get_bytes(&key).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((key, end, b))
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
     let mut segments = Vec::new();
     let mut ends = Vec::new();
-    for key in keys {
-        match chain::classify(layout, &key) {
-            Some(SegmentKey::Manifest(_)) => {
-                let b = store.get_bytes(&key).await.map_err(|e| e.to_string())?;
-                segments.push(
-                    SegmentManifest::from_json(&b)
-                        .map_err(|e| format!("segment manifest {key} is unreadable: {e}"))?,
-                );
-            }
-            Some(SegmentKey::End(_)) => {
-                let b = store.get_bytes(&key).await.map_err(|e| e.to_string())?;
-                ends.push(
-                    ChainEnd::from_json(&b)
-                        .map_err(|e| format!("chain end {key} is unreadable: {e}"))?,
-                );
-            }
-            _ => {}
+    for (key, end, b) in fetched {
+        if end {
+            ends.push(
+                ChainEnd::from_json(&b)
+                    .map_err(|e| format!("chain end {key} is unreadable: {e}"))?,
+            );
+        } else {
+            segments.push(
+                SegmentManifest::from_json(&b)
+                    .map_err(|e| format!("segment manifest {key} is unreadable: {e}"))?,
+            );
         }
     }
     Ok(chain::verify_chain(&base_of(m), &segments, &ends))

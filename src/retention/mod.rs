@@ -45,6 +45,9 @@ pub struct BackupSummary {
     pub time: DateTime<Utc>,
     /// The etcd revision of its snapshot.
     pub revision: i64,
+    /// The highest revision its continuous-backup chain names, when it has one (from the
+    /// segment manifests' names: an upper bound of what the chain reaches).
+    pub chain_reach: Option<i64>,
 }
 
 /// The `[retention]` policy.
@@ -109,6 +112,9 @@ impl RetentionPolicy {
 pub enum KeepReason {
     /// The newest backup is always kept.
     Newest,
+    /// Its continuous-backup chain holds the newest committed revisions (past the newest
+    /// snapshot): the newest restorable point stays restorable.
+    NewestChain,
     /// Among the `keep_last` newest.
     Last {
         /// The configured N.
@@ -215,6 +221,9 @@ impl fmt::Display for KeepReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeepReason::Newest => f.write_str("newest backup"),
+            KeepReason::NewestChain => f.write_str(
+                "its continuous-backup chain holds the newest committed revisions",
+            ),
             KeepReason::Last { n } => write!(f, "among the last {n}"),
             KeepReason::Hourly { period } => write!(f, "newest of hour {period}"),
             KeepReason::Daily { period } => write!(f, "newest of day {period}"),
@@ -336,6 +345,14 @@ pub fn plan(backups: &[BackupSummary], now: DateTime<Utc>, policy: &RetentionPol
         };
     }
     reasons[0].push(KeepReason::Newest);
+    // The chain that reaches furthest holds the newest restorable point: when it is not the
+    // newest snapshot's, its base stays too (a chain is useless without its base).
+    let reach = |b: &BackupSummary| b.chain_reach.unwrap_or(b.revision).max(b.revision);
+    if let Some(i) = (0..n).max_by_key(|&i| (reach(sorted[i]), sorted[i].revision)) {
+        if i != 0 && reach(sorted[i]) > reach(sorted[0]) {
+            reasons[i].push(KeepReason::NewestChain);
+        }
+    }
 
     let rules_active = policy.keep_last > 0
         || policy.keep_hourly > 0
@@ -484,6 +501,7 @@ mod tests {
             id: id.to_string(),
             time: t,
             revision: 0,
+            chain_reach: None,
         }
     }
 
@@ -861,6 +879,27 @@ mod tests {
             let kept = p.kept().count();
             prop_assert!(kept >= (policy.min_keep as usize).min(bs.len()));
             prop_assert!(p.to_delete().count() <= policy.max_delete_per_run as usize);
+        }
+
+        #[test]
+        fn the_newest_restorable_point_keeps_its_base(bs in arb_backups(), reaches in proptest::collection::vec(proptest::option::of(0i64..2_000), 300), policy in arb_policy(), now in arb_now()) {
+            // Revisions grow with time; some backups have a chain reaching past them.
+            let mut bs = bs;
+            bs.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
+            for (i, (b, r)) in bs.iter_mut().zip(&reaches).enumerate() {
+                b.revision = 1_000 * (i as i64 + 1);
+                b.chain_reach = r.map(|r| b.revision + r);
+            }
+            let p = plan(&bs, now, &policy);
+            let reach = |b: &BackupSummary| b.chain_reach.unwrap_or(b.revision);
+            if let Some(top) = bs.iter().map(reach).max() {
+                // Some backup that reaches the newest point is kept.
+                let gone = deleted(&p);
+                prop_assert!(
+                    bs.iter().any(|b| reach(b) == top && !gone.contains(&b.id)),
+                    "the newest restorable point {top} lost"
+                );
+            }
         }
 
         #[test]

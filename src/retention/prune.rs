@@ -10,13 +10,18 @@
 //!   an orphan (a readable manifest only ever names data in its own directory). Orphans
 //!   are removed only when their id's time is older than the orphan age (twice the cycle
 //!   timeout), so no running cycle can still be committing them.
+//! - A backup's continuous-backup chain (`<id>/segments/`) is deleted with it and only
+//!   with it: every chain belongs to one base snapshot, so no kept snapshot needs another
+//!   one's segments. Chain objects in a directory whose manifest is gone (a prune
+//!   interrupted after the manifest) are removed like orphans, when old enough.
 //! - A dangling manifest (its data object not listed) is removed only when old enough and
 //!   when, at execution, the store confirms its data object is absent.
 //! - Every deletion (a backup, an orphan, a dangling manifest, an aborted upload) counts
 //!   toward `max_delete_per_run`; what exceeds it is deferred to the next prune.
 //! - Only keys under `PREFIX/CLUSTER_NAME/` that this tool writes are ever deleted.
 //!
-//! The executor deletes a backup's manifest (the commit marker) first, then its data, the
+//! The executor deletes a backup's manifest (the commit marker) first, then its chain
+//! (segment manifests before their segments), then its data, the
 //! reverse of how a backup is made: an interrupted prune never leaves a manifest pointing
 //! at nothing, at worst an orphan a later prune removes. A failed deletion is reported and
 //! retried at the next prune, never in a loop. A listing that fails part-way fails the
@@ -63,7 +68,7 @@ pub struct PlanInput<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
-    /// Delete a committed backup: its manifest, then its data objects.
+    /// Delete a committed backup: its manifest, then its chain, then its data objects.
     DeleteBackup {
         /// The backup.
         id: BackupId,
@@ -73,11 +78,21 @@ pub enum Step {
         reason: DeleteReason,
         /// Its manifest.
         manifest_key: String,
+        /// The objects of the continuous-backup chain based on it, segment manifests
+        /// first (empty without continuous backup).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        chain_keys: Vec<String>,
         /// Its data objects.
         data_keys: Vec<String>,
     },
     /// Remove a data object no manifest commits (its cycle never finished).
     RemoveOrphan {
+        /// The object.
+        key: String,
+    },
+    /// Remove an object of a continuous-backup chain whose base backup is gone (its
+    /// manifest was deleted by a prune that did not finish): nothing can restore from it.
+    RemoveOrphanChain {
         /// The object.
         key: String,
     },
@@ -105,12 +120,15 @@ impl Step {
         match self {
             Step::DeleteBackup {
                 manifest_key,
+                chain_keys,
                 data_keys,
                 ..
             } => std::iter::once(manifest_key.as_str())
+                .chain(chain_keys.iter().map(String::as_str))
                 .chain(data_keys.iter().map(String::as_str))
                 .collect(),
             Step::RemoveOrphan { key }
+            | Step::RemoveOrphanChain { key }
             | Step::RemoveDangling { key, .. }
             | Step::AbortUpload { key, .. } => vec![key.as_str()],
         }
@@ -120,7 +138,22 @@ impl Step {
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Step::DeleteBackup {
+                id,
+                reason,
+                chain_keys,
+                ..
+            } if !chain_keys.is_empty() => write!(
+                f,
+                "delete backup {id} with its continuous-backup chain ({} objects): {reason}",
+                chain_keys.len()
+            ),
             Step::DeleteBackup { id, reason, .. } => write!(f, "delete backup {id}: {reason}"),
+            Step::RemoveOrphanChain { key } => write!(
+                f,
+                "remove continuous-backup object {} (its base backup is gone)",
+                printable(key)
+            ),
             Step::RemoveOrphan { key } => write!(
                 f,
                 "remove orphaned data object {} (no manifest: its cycle never committed)",
@@ -287,6 +320,7 @@ impl Scope {
                     id: m.id.to_string(),
                     time: m.time,
                     revision: m.revision,
+                    chain_reach: chain_reach(input.listing, input.layout, &m.id),
                 });
             }
         }
@@ -313,6 +347,7 @@ fn backup_steps(input: &PlanInput<'_>, policy_plan: &PrunePlan) -> Vec<Step> {
             .unwrap_or_default();
         steps.push(Step::DeleteBackup {
             manifest_key: input.layout.manifest_key(&id),
+            chain_keys: chain_keys(input.listing, &id),
             id,
             time: d.time,
             reason: reason.clone(),
@@ -320,6 +355,39 @@ fn backup_steps(input: &PlanInput<'_>, policy_plan: &PrunePlan) -> Vec<Step> {
         });
     }
     steps
+}
+
+/// The highest revision a segment manifest of the chain based on `id` names (its key holds
+/// its range), or `None` without one.
+fn chain_reach(listing: &Listing, layout: &Layout, id: &BackupId) -> Option<i64> {
+    use crate::store::naming::{ChainName, ObjectKind};
+    listing
+        .chain_objects
+        .get(id)?
+        .iter()
+        .filter(|o| {
+            matches!(
+                layout.classify(&o.key),
+                Some(ObjectKind::Chain(_, ChainName::Manifest))
+            )
+        })
+        .filter_map(|o| {
+            let name = o.key.rsplit('/').next()?;
+            name.split('-').nth(1)?.parse().ok()
+        })
+        .max()
+}
+
+/// The keys of the chain based on `id`: segment manifests and chain-end records (the
+/// commit markers) before the segments, each group in key order.
+fn chain_keys(listing: &Listing, id: &BackupId) -> Vec<String> {
+    let mut keys: Vec<&str> = listing
+        .chain_objects
+        .get(id)
+        .map(|v| v.iter().map(|o| o.key.as_str()).collect())
+        .unwrap_or_default();
+    keys.sort_by_key(|k| (!k.ends_with(".json"), *k));
+    keys.into_iter().map(str::to_string).collect()
 }
 
 /// Orphaned data objects and manifests without data old enough to be removed; what is
@@ -350,6 +418,24 @@ fn leftover_steps(input: &PlanInput<'_>, left_alone: &mut Vec<LeftAlone>) -> Vec
                     reason: "data object without a manifest, too young to be an orphan (a cycle may still be committing it)".into(),
                 });
             }
+        }
+    }
+    for (id, objects) in &listing.chain_objects {
+        if listing.manifest_ids.contains(id) {
+            continue;
+        }
+        if old_enough(id.time()) {
+            steps.extend(
+                chain_keys(listing, id)
+                    .into_iter()
+                    .map(|key| Step::RemoveOrphanChain { key }),
+            );
+        } else {
+            left_alone.extend(objects.iter().map(|o| LeftAlone {
+                key: o.key.clone(),
+                reason:
+                    "continuous-backup object without a base manifest, too young to remove".into(),
+            }));
         }
     }
     for (m, key) in &listing.dangling {
@@ -409,6 +495,7 @@ pub async fn execute(store: &BackupStore, plan: &Plan) -> Executed {
         let r: Result<(), (String, StoreError)> = match step {
             Step::DeleteBackup {
                 manifest_key,
+                chain_keys,
                 data_keys,
                 id,
                 time,
@@ -420,7 +507,7 @@ pub async fn execute(store: &BackupStore, plan: &Plan) -> Executed {
                     .await
                     .map_err(|e| (manifest_key.clone(), e));
                 if r.is_ok() {
-                    for k in data_keys {
+                    for k in chain_keys.iter().chain(data_keys) {
                         if let Err(e) = store.delete(k).await {
                             r = Err((k.clone(), e));
                             break;
@@ -436,6 +523,13 @@ pub async fn execute(store: &BackupStore, plan: &Plan) -> Executed {
                 let r = store.delete(key).await.map_err(|e| (key.clone(), e));
                 if r.is_ok() {
                     tracing::info!(key = %printable(key), "removed an orphaned data object (no manifest: its cycle never committed)");
+                }
+                r
+            }
+            Step::RemoveOrphanChain { key } => {
+                let r = store.delete(key).await.map_err(|e| (key.clone(), e));
+                if r.is_ok() {
+                    tracing::info!(key = %printable(key), "removed a continuous-backup object whose base backup is gone");
                 }
                 r
             }
@@ -514,7 +608,11 @@ impl PruneOutcome {
     pub fn cleaned_where(&self, uploads: bool) -> Vec<String> {
         self.done_where(|s| match s {
             Step::AbortUpload { key, .. } if uploads => Some(key.clone()),
-            Step::RemoveOrphan { key } | Step::RemoveDangling { key, .. } if !uploads => {
+            Step::RemoveOrphan { key }
+            | Step::RemoveOrphanChain { key }
+            | Step::RemoveDangling { key, .. }
+                if !uploads =>
+            {
                 Some(key.clone())
             }
             _ => None,

@@ -81,6 +81,9 @@ pub struct Listing {
     pub backups: Vec<Manifest>,
     /// Data objects by backup id (committed or not).
     pub data_objects: BTreeMap<BackupId, Vec<DataObject>>,
+    /// Objects of the continuous-backup chain based on each backup id (segments, their
+    /// manifests, chain-end records), committed or not.
+    pub chain_objects: BTreeMap<BackupId, Vec<DataObject>>,
     /// Every backup directory that holds a manifest object, readable or not.
     pub manifest_ids: std::collections::BTreeSet<BackupId>,
     /// Manifests that could not be read or parsed: key and reason.
@@ -703,6 +706,17 @@ impl BackupStore {
                 Some(ObjectKind::Data(id)) => {
                     listing
                         .data_objects
+                        .entry(id)
+                        .or_default()
+                        .push(DataObject {
+                            key,
+                            size: o.size,
+                            modified: o.last_modified,
+                        });
+                }
+                Some(ObjectKind::Chain(id, _)) => {
+                    listing
+                        .chain_objects
                         .entry(id)
                         .or_default()
                         .push(DataObject {

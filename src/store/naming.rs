@@ -5,6 +5,7 @@
 //! ```text
 //! PREFIX/CLUSTER_NAME/<id>/snapshot.db[.zst|.gz][.age]   the data object
 //! PREFIX/CLUSTER_NAME/<id>/manifest.json           the commit marker, written last
+//! PREFIX/CLUSTER_NAME/<id>/segments/…              the continuous-backup chain based on it
 //! ```
 //!
 //! A backup is its `<id>/` directory: the manifest names its data object by file name
@@ -39,6 +40,57 @@ fn is_data_name(name: &str) -> bool {
         let rest = name.strip_prefix(SNAPSHOT_STEM);
         rest == Some(s) || rest.and_then(|r| r.strip_suffix(crate::codec::crypt::SUFFIX)) == Some(s)
     })
+}
+
+/// Directory of a chain's segments inside its base backup's directory.
+pub const SEGMENTS_DIR: &str = "segments";
+/// The infix between a segment's stem and its suffixes.
+pub const SEGMENT_INFIX: &str = ".seg";
+
+/// Whether `stem` is a segment stem: `<after:020>-<last:020>-<token:hex>`.
+fn is_segment_stem(stem: &str) -> bool {
+    let parts: Vec<&str> = stem.split('-').collect();
+    parts.len() == 3
+        && parts[0].len() == 20
+        && parts[1].len() == 20
+        && parts[..2]
+            .iter()
+            .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        && !parts[2].is_empty()
+        && parts[2].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// What a file inside a chain's `segments/` directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainName {
+    /// A segment manifest: `<stem>.json`.
+    Manifest,
+    /// A segment's stored object: `<stem>.seg[.zst|.gz][.age]`.
+    Object,
+    /// A chain-end record: `end-<last:020>.json`.
+    End,
+}
+
+/// What the file `name` inside a `segments/` directory is, or `None` when this tool did
+/// not write it.
+pub fn chain_name(name: &str) -> Option<ChainName> {
+    if name.contains('/') {
+        return None;
+    }
+    if let Some(n) = name
+        .strip_prefix("end-")
+        .and_then(|n| n.strip_suffix(".json"))
+    {
+        return (n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit())).then_some(ChainName::End);
+    }
+    if let Some(s) = name.strip_suffix(".json") {
+        return is_segment_stem(s).then_some(ChainName::Manifest);
+    }
+    let (s, tail) = name.split_once(SEGMENT_INFIX)?;
+    let tail = tail
+        .strip_suffix(crate::codec::crypt::SUFFIX)
+        .unwrap_or(tail);
+    (is_segment_stem(s) && ["", ".zst", ".gz"].contains(&tail)).then_some(ChainName::Object)
 }
 
 /// The identifier of one backup.
@@ -134,6 +186,9 @@ pub enum ObjectKind {
     Manifest(BackupId),
     /// A backup's data object.
     Data(BackupId),
+    /// An object of the continuous-backup chain based on a backup (a segment, its
+    /// manifest, or a chain-end record).
+    Chain(BackupId, ChainName),
 }
 
 /// Builds and parses keys below `PREFIX/CLUSTER_NAME/`.
@@ -177,7 +232,10 @@ impl Layout {
         match name {
             MANIFEST_NAME => Some(ObjectKind::Manifest(id)),
             n if is_data_name(n) => Some(ObjectKind::Data(id)),
-            _ => None,
+            n => {
+                let file = n.strip_prefix(SEGMENTS_DIR)?.strip_prefix('/')?;
+                chain_name(file).map(|c| ObjectKind::Chain(id, c))
+            }
         }
     }
 
@@ -245,8 +303,29 @@ mod tests {
             "etcd/prod/20260102T030405Z-0a1b2c/snapshot.db.xz",
             "etcd/prod/20260102T030405Z-0a1b2c/sub/manifest.json",
             "other/prod/20260102T030405Z-0a1b2c/manifest.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/notes.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/x/end-00000000000000000009.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/end-9.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/00000000000000000001-00000000000000000002-1.seg.xz",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/1-2-1.json",
+            "etcd/prod/20260102T030405Z-0a1b2c/segments/00000000000000000001-00000000000000000002-g.json",
         ] {
             assert_eq!(l.classify(foreign), None, "{foreign}");
+        }
+        let seg = |n: &str| format!("etcd/prod/20260102T030405Z-0a1b2c/segments/{n}");
+        let stem = "00000000000000000001-00000000000000000002-1f";
+        for (name, kind) in [
+            (format!("{stem}.json"), ChainName::Manifest),
+            (format!("{stem}.seg.zst"), ChainName::Object),
+            (format!("{stem}.seg.gz.age"), ChainName::Object),
+            (format!("{stem}.seg"), ChainName::Object),
+            ("end-00000000000000000009.json".to_string(), ChainName::End),
+        ] {
+            assert_eq!(
+                l.classify(&seg(&name)),
+                Some(ObjectKind::Chain(id.clone(), kind)),
+                "{name}"
+            );
         }
         assert_eq!(Layout::new("", "c").base(), "c");
     }

@@ -1,6 +1,6 @@
 //! Continuous backup end to end: the daemon (election on, 1 s segments) writes the chain
 //! of its first snapshot while a writer does puts, overwrites, deletes, multi-key
-//! transactions and keys with expiring leases against a real etcd (one member); then
+//! transactions and keys with expiring leases against a real 3-member etcd; then
 //! `restore --to-revision R` for random revisions R must serve exactly what the source
 //! serves for `get --prefix --rev R`, at revision R.
 
@@ -144,7 +144,7 @@ async fn write_load(endpoint: &str, steps: usize, seed: u64) -> Vec<i64> {
 #[test]
 fn restore_to_random_revisions_is_exact() {
     let bins = EtcdBins::get(EtcdVersion::V3_5_1);
-    let cluster = EtcdCluster::start(&bins, 1);
+    let cluster = EtcdCluster::start(&bins, 3);
     cluster.put("/before/snapshot", "1");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
@@ -238,6 +238,52 @@ fn restore_to_random_revisions_is_exact() {
         assert_eq!(got.len(), want.len(), "key count at revision {r}");
         assert!(got == want, "keys and values differ at revision {r}");
     }
+
+    // `list` shows how far the snapshot's chain reaches; `verify` reads every segment.
+    let reached = committed().unwrap() as i64;
+    let cfg = config.to_str().unwrap();
+    let o = support::etcd_backup(&["list", "--config", cfg, "--json"], &[]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        listed[0]["covered_to_revision"].as_i64(),
+        Some(reached),
+        "{listed}"
+    );
+    assert!(listed[0]["covered_to_time"].is_string(), "{listed}");
+    let o = support::etcd_backup(&["verify", "latest", "--config", cfg], &[]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains("continuous backup OK"),
+        "{}",
+        support::text(&o)
+    );
+    // `restore latest` is the newest committed revision, not the snapshot.
+    let out = dir.path().join("latest.db");
+    let o = support::etcd_backup(
+        &[
+            "restore",
+            "latest",
+            "--config",
+            cfg,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains(&format!(
+            "restored the newest committed revision {reached} "
+        )),
+        "{}",
+        support::text(&o)
+    );
+    let (want, _) = dump_at(&cluster, Some(reached));
+    let restored = restore_and_start(&bins, &out);
+    let (got, got_rev) = dump_at(&restored, None);
+    assert_eq!(got_rev, reached);
+    assert!(got == want, "restore latest: keys and values differ");
     daemon.kill();
 }
 
@@ -327,6 +373,61 @@ fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
     let (got, rev) = dump_at(&restored, None);
     assert_eq!(rev, last - 4);
     assert!(got == want, "keys and values differ");
+
+    // Retention: keeping one backup deletes the first snapshot with its whole chain (its
+    // segments and the chain-end record), and leaves the new chain alone.
+    let keep_one = dir.path().join("keep-one.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &keep_one,
+        format!("{text}[retention]\nkeep_last = 1\nmin_keep = 1\n"),
+    )
+    .unwrap();
+    let listed = |cfg: &Path| -> serde_json::Value {
+        let o = support::etcd_backup(&["list", "--config", cfg.to_str().unwrap(), "--json"], &[]);
+        assert!(o.status.success(), "{}", support::text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let before = listed(&config);
+    assert_eq!(before.as_array().unwrap().len(), 2, "{before}");
+    let (new_id, old_id) = (
+        before[0]["id"].as_str().unwrap().to_string(),
+        before[1]["id"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(
+        before[1]["covered_to_revision"].as_i64(),
+        Some(chained),
+        "{before}"
+    );
+    let files_of = |id: &str| -> Vec<std::path::PathBuf> {
+        walk(&dir.path().join("store"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(id))
+            .collect()
+    };
+    let new_files = files_of(&new_id);
+    assert!(new_files
+        .iter()
+        .any(|p| p.to_string_lossy().contains("/segments/")));
+    let o = support::etcd_backup(&["prune", "--config", keep_one.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains(&format!(
+            "delete backup {old_id} with its continuous-backup chain"
+        )),
+        "{}",
+        support::text(&o)
+    );
+    assert_eq!(files_of(&old_id), Vec::<std::path::PathBuf>::new());
+    for f in &new_files {
+        assert!(f.exists(), "{} was deleted", f.display());
+    }
+    let after = listed(&config);
+    assert_eq!(after.as_array().unwrap().len(), 1, "{after}");
+    assert!(
+        after[0]["covered_to_revision"].as_i64() >= Some(last),
+        "{after}"
+    );
     daemon.kill();
 }
 

@@ -266,8 +266,14 @@ fn keys_are_classified_and_nothing_else_is() {
     ] {
         assert_eq!(classify(&layout, &other), None, "{other}");
     }
-    // Snapshot naming does not mistake segments for backups' objects.
-    assert_eq!(layout.classify(&manifest_key(&layout, &s)), None);
+    // Snapshot naming knows segments as chain objects, never as backups' own objects.
+    assert_eq!(
+        layout.classify(&manifest_key(&layout, &s)),
+        Some(crate::store::naming::ObjectKind::Chain(
+            b.id.clone(),
+            crate::store::naming::ChainName::Manifest
+        ))
+    );
 }
 
 // ---- planning ----

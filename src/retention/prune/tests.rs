@@ -437,19 +437,43 @@ enum Dir {
         cluster: bool,
         future: bool,
         data: bool,
+        /// With a continuous-backup chain.
+        chain: bool,
     },
     Unreadable {
         data: bool,
     },
     Orphan,
+    /// Chain objects in a directory without a manifest.
+    OrphanChain,
+}
+
+/// A chain's objects under `id`: two segments, their manifests, a chain-end record.
+fn chain_objects(layout: &Layout, id: &BackupId, t: DateTime<Utc>) -> Vec<DataObject> {
+    let dir = format!("{}/{id}/segments", layout.base());
+    [
+        "00000000000000000010-00000000000000000020-1.json",
+        "00000000000000000010-00000000000000000020-1.seg.zst",
+        "00000000000000000020-00000000000000000030-2.json",
+        "00000000000000000020-00000000000000000030-2.seg.zst.age",
+        "end-00000000000000000030.json",
+    ]
+    .iter()
+    .map(|n| DataObject {
+        key: format!("{dir}/{n}"),
+        size: 1,
+        modified: t,
+    })
+    .collect()
 }
 
 fn arb_dirs() -> impl Strategy<Value = Vec<(Dir, i64, i64)>> {
     let dir = prop_oneof![
-        6 => (prop::bool::weighted(0.7), prop::bool::weighted(0.1), prop::bool::weighted(0.9))
-            .prop_map(|(c, f, d)| Dir::Backup { cluster: c, future: f, data: d }),
+        6 => (prop::bool::weighted(0.7), prop::bool::weighted(0.1), prop::bool::weighted(0.9), prop::bool::weighted(0.3))
+            .prop_map(|(c, f, d, ch)| Dir::Backup { cluster: c, future: f, data: d, chain: ch }),
         1 => any::<bool>().prop_map(|d| Dir::Unreadable { data: d }),
         1 => Just(Dir::Orphan),
+        1 => Just(Dir::OrphanChain),
     ];
     proptest::collection::vec((dir, 0i64..2000, 0i64..500), 0..60)
 }
@@ -463,10 +487,15 @@ fn build(dirs: &[(Dir, i64, i64)], layout: &Layout) -> Listing {
                 cluster,
                 future,
                 data,
+                chain,
             } => {
                 let h = if *future { -*hours - 1 } else { *hours };
                 let m = man(h, *rev, if *cluster { LOCAL } else { OTHER }, n);
                 l.manifest_ids.insert(m.id.clone());
+                if *chain {
+                    l.chain_objects
+                        .insert(m.id.clone(), chain_objects(layout, &m.id, m.time));
+                }
                 if *data {
                     l.data_objects
                         .entry(m.id.clone())
@@ -497,6 +526,11 @@ fn build(dirs: &[(Dir, i64, i64)], layout: &Layout) -> Listing {
                             modified: m.time,
                         });
                 }
+            }
+            Dir::OrphanChain => {
+                let m = man(*hours, 0, LOCAL, n);
+                l.chain_objects
+                    .insert(m.id.clone(), chain_objects(layout, &m.id, m.time));
             }
             Dir::Orphan => {
                 let m = man(*hours, 0, LOCAL, n);
@@ -553,10 +587,25 @@ proptest! {
         }).collect();
         for s in &p.steps {
             match s {
-                Step::DeleteBackup { id, .. } => {
+                Step::DeleteBackup { id, chain_keys, .. } => {
                     let m = listing.backups.iter().find(|m| m.id == *id).unwrap();
                     prop_assert_eq!(&m.cluster_id, LOCAL, "a foreign backup deleted");
                     prop_assert!(!m.is_future(now()), "a future backup deleted");
+                    // Its whole chain goes with it, commit markers first.
+                    let mut want: Vec<String> = listing.chain_objects.get(id).map(|v| v.iter().map(|o| o.key.clone()).collect()).unwrap_or_default();
+                    want.sort();
+                    let mut got = chain_keys.clone();
+                    let first_object = got.iter().position(|k| !k.ends_with(".json")).unwrap_or(got.len());
+                    prop_assert!(got[first_object..].iter().all(|k| !k.ends_with(".json")), "{:?}", got);
+                    got.sort();
+                    prop_assert_eq!(got, want);
+                }
+                Step::RemoveOrphanChain { key } => {
+                    let Some(crate::store::naming::ObjectKind::Chain(id, _)) = layout.classify(key) else {
+                        panic!("{key}")
+                    };
+                    prop_assert!(!listing.manifest_ids.contains(&id), "the chain of a backup with a manifest");
+                    prop_assert!(id.time() < now() - chrono::Duration::hours(orphan_h as i64));
                 }
                 Step::RemoveOrphan { key } => {
                     // Never data a readable manifest names, never in a directory with a manifest.
@@ -575,6 +624,17 @@ proptest! {
                     prop_assert!(!listing.data_objects.get(&m.id).is_some_and(|v| v.iter().any(|o| &o.key == data_key)));
                 }
                 Step::AbortUpload { .. } => {}
+            }
+        }
+        // No chain object of a kept backup (or of any directory with a manifest) is deleted,
+        // except with its backup.
+        for s in &p.steps {
+            let chain_of_other = |k: &str| match layout.classify(k) {
+                Some(crate::store::naming::ObjectKind::Chain(id, _)) => listing.manifest_ids.contains(&id) && !deleted_backups.contains(&id),
+                _ => false,
+            };
+            for k in s.keys() {
+                prop_assert!(!chain_of_other(k), "{} deletes {}", s, k);
             }
         }
         // The newest min_keep committed local backups stay.
@@ -607,7 +667,7 @@ proptest! {
             for (k, _) in &listing.unreadable {
                 f.put(&object_store::path::Path::from(k.as_str()), "{".into()).await.unwrap();
             }
-            for objs in listing.data_objects.values() {
+            for objs in listing.data_objects.values().chain(listing.chain_objects.values()) {
                 for o in objs {
                     f.put(&object_store::path::Path::from(o.key.as_str()), "d".into()).await.unwrap();
                 }
@@ -635,4 +695,89 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[tokio::test]
+async fn chains_go_with_their_base_and_the_newest_chain_keeps_its_base() {
+    let (store, f) = memory("", "kubernetes");
+    let layout = store.layout().clone();
+    let put = |k: String| {
+        let f = f.clone();
+        async move {
+            f.put(&object_store::path::Path::from(k.as_str()), "x".into())
+                .await
+                .unwrap();
+        }
+    };
+    // Four backups, oldest first, at revisions 100..400; each has a chain.
+    let ms: Vec<Manifest> = (0..4)
+        .map(|i| man(40 - i * 10, 100 * (i + 1), LOCAL, i as u32))
+        .collect();
+    for (i, m) in ms.iter().enumerate() {
+        put_backup(&store, m, Some(b"d")).await;
+        // The chain of backup 1 reaches past the newest snapshot (400): the writer had not
+        // moved on to the newest snapshot yet.
+        let last = if i == 1 { 480 } else { m.revision + 50 };
+        for o in chain_objects(&layout, &m.id, m.time) {
+            put(o
+                .key
+                .replace("00000000000000000030", &format!("{last:020}")))
+            .await;
+        }
+    }
+    let listing = store.list().await.unwrap();
+    assert_eq!(listing.foreign, 0, "chain objects are ours");
+    let p = plan(&input(&listing, &layout, &policy(1), LOCAL));
+    let gone = deleted_ids(&p);
+    let want: BTreeSet<String> = [&ms[0], &ms[2]].iter().map(|m| m.id.to_string()).collect();
+    assert_eq!(gone, want, "{}", p.render());
+    assert!(
+        p.render()
+            .contains("its continuous-backup chain holds the newest committed revisions"),
+        "{}",
+        p.render()
+    );
+    assert!(
+        p.render()
+            .contains("with its continuous-backup chain (5 objects)"),
+        "{}",
+        p.render()
+    );
+    let before = keys(f.as_ref()).await;
+    let done = execute(&store, &p).await;
+    assert!(done.failed.is_empty(), "{:?}", done.failed);
+    let after = keys(f.as_ref()).await;
+    for k in &before {
+        let of = |m: &Manifest| k.contains(&m.id.to_string());
+        let deleted_dir = of(&ms[0]) || of(&ms[2]);
+        assert_eq!(after.contains(k), !deleted_dir, "{k}");
+    }
+
+    // A prune that stopped after the manifest leaves a chain without its base: removed once
+    // old enough, never while young.
+    let orphan = man(30, 50, LOCAL, 77);
+    for o in chain_objects(&layout, &orphan.id, orphan.time) {
+        put(o.key).await;
+    }
+    let listing = store.list().await.unwrap();
+    let p = plan(&input(&listing, &layout, &policy(1), LOCAL));
+    let orphans: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::RemoveOrphanChain { .. }))
+        .collect();
+    assert_eq!(orphans.len(), 5, "{}", p.render());
+    let one = policy(1);
+    let young = PlanInput {
+        orphan_age: Duration::from_secs(3600 * 24 * 365),
+        ..input(&listing, &layout, &one, LOCAL)
+    };
+    let p = plan(&young);
+    assert!(
+        p.steps
+            .iter()
+            .all(|s| !matches!(s, Step::RemoveOrphanChain { .. })),
+        "{}",
+        p.render()
+    );
 }
