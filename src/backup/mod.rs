@@ -400,11 +400,33 @@ async fn stream(
     });
     // etcd's side: ends, and releases etcd's read transaction, at disk speed.
     let read = async move {
-        while let Some(chunk) = chunks.next_chunk().await.map_err(|e| snap_err(&e))? {
-            if let Some(p) = progress {
-                p.inc(chunk.len() as u64);
+        use futures::FutureExt;
+        let mut more = true;
+        while more {
+            let Some(first) = chunks.next_chunk().await.map_err(|e| snap_err(&e))? else {
+                break;
+            };
+            // Whatever else has already arrived goes with it (never waiting for more).
+            let mut len = first.len();
+            let mut burst = vec![first];
+            while len < pipeline::RAW_BURST {
+                match chunks.next_chunk().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(c))) => {
+                        len += c.len();
+                        burst.push(c);
+                    }
+                    Some(Ok(None)) => {
+                        more = false;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(snap_err(&e)),
+                }
             }
-            if raw_tx.send(chunk).await.is_err() {
+            if let Some(p) = progress {
+                p.inc(len as u64);
+            }
+            if raw_tx.send(burst).await.is_err() {
                 // The pipeline stopped; its own error says why.
                 break;
             }

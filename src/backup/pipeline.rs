@@ -15,7 +15,13 @@
 //! stream (and etcd's read transaction) still ends at disk speed. The upload then finishes
 //! from the spool.
 //!
-//! Memory stays flat whatever the database size: at most `RAW_QUEUE` snapshot chunks and one
+//! While the follower keeps up, the writer also hands it each batch it wrote (the same
+//! buffers, no copy), so the spool is not read back; the first time the hand-off queue is
+//! full (the follower fell behind) the writer stops handing off, and the follower goes on
+//! from the spool file where the hand-off ended.
+//!
+//! Memory stays flat whatever the database size: at most `RAW_QUEUE` bursts of snapshot
+//! chunks, `HANDOFF_BYTES` handed to the follower, and one
 //! `WRITE_BATCH` of them waiting to be written, one `READ_CHUNK` read buffer, one output chunk
 //! being filled, `OUT_QUEUE` output chunks waiting, and the uploader's parts in flight.
 
@@ -27,12 +33,19 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
-/// Snapshot chunks (32 KiB each from etcd) queued for the spool thread.
-pub const RAW_QUEUE: usize = 64;
+/// Bursts of snapshot chunks (32 KiB each from etcd, up to `RAW_BURST` bytes per burst)
+/// queued for the spool thread.
+pub const RAW_QUEUE: usize = 8;
+/// The chunks that arrived together are handed to the spool thread together, up to this
+/// many bytes: one wake-up per burst instead of one per chunk.
+pub const RAW_BURST: usize = 256 * 1024;
 /// The spool thread writes at most this much at once (one `writev` of queued chunks).
 pub const WRITE_BATCH: usize = 1024 * 1024;
 /// The follower reads the spool in blocks of this size.
 pub const READ_CHUNK: usize = 1024 * 1024;
+/// Bytes of written batches handed to the follower and not yet compressed: more than this
+/// means the follower fell behind, and it reads the spool file from then on.
+pub const HANDOFF_BYTES: usize = 8 * 1024 * 1024;
 /// Compressed chunks queued for the uploader.
 pub const OUT_QUEUE: usize = 4;
 /// Size of the chunks handed to the uploader.
@@ -314,7 +327,7 @@ impl SpoolProgress {
 /// [`PipelineError`] on the first failure; the caller aborts the upload.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Vec<Bytes>>,
     spool: std::fs::File,
     spool_path: &std::path::Path,
     compression: Compression,
@@ -328,9 +341,15 @@ pub fn run(
         path: spool_path.display().to_string(),
         source,
     })?;
+    let (handoff_tx, handoff_rx) = std::sync::mpsc::channel();
+    let handed = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let follower = scope.spawn(|| {
             let r = follow(
+                Handoff {
+                    rx: handoff_rx,
+                    queued: &handed,
+                },
                 reader,
                 spool_path,
                 compression,
@@ -345,7 +364,16 @@ pub fn run(
             }
             r
         });
-        let written = spool_and_check(rx, spool, spool_path, progress);
+        let written = spool_and_check(
+            rx,
+            spool,
+            spool_path,
+            progress,
+            Some(HandoffTx {
+                tx: handoff_tx,
+                queued: &handed,
+            }),
+        );
         match &written {
             Ok(raw) => {
                 progress.set(Spooled::Complete(raw.size));
@@ -376,31 +404,32 @@ pub fn run(
 
 /// The spool writer of [`run`]: every chunk goes to the spool file (queued chunks are written
 /// together, up to [`WRITE_BATCH`], with one `writev`) and through the trailer check, until
-/// the sender is dropped. Each write is published to the follower.
+/// the sender is dropped. Each write is published to the follower, and handed to it while
+/// it keeps up.
 fn spool_and_check(
-    mut rx: mpsc::Receiver<Bytes>,
-    mut spool: std::fs::File,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    spool: std::fs::File,
     spool_path: &std::path::Path,
     progress: &SpoolProgress,
+    handoff: Option<HandoffTx<'_>>,
 ) -> Result<RawDigest, PipelineError> {
-    let spool_err = |source| PipelineError::Spool {
-        path: spool_path.display().to_string(),
-        source,
+    let mut w = SpoolWriter {
+        spool,
+        spool_path,
+        progress,
+        handoff,
+        written: 0,
     };
     let mut check = TrailerCheck::new();
-    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH / (16 * 1024));
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut batched = 0usize;
-    let mut written = 0u64;
     loop {
         let next = match rx.try_recv() {
             Ok(c) => Some(c),
             Err(mpsc::error::TryRecvError::Empty) => {
                 // Nothing more queued: write what is batched, then wait.
                 if batched > 0 {
-                    write_batch(&mut spool, &batch).map_err(spool_err)?;
-                    written += batched as u64;
-                    progress.set(Spooled::Growing(written));
-                    batch.clear();
+                    w.write(std::mem::take(&mut batch))?;
                     batched = 0;
                 }
                 rx.blocking_recv()
@@ -410,20 +439,67 @@ fn spool_and_check(
         if progress.stopped() {
             return Err(PipelineError::Stopped);
         }
-        let Some(chunk) = next else { break };
-        check.update(&chunk);
-        batched += chunk.len();
-        batch.push(chunk);
+        let Some(burst) = next else { break };
+        for chunk in burst {
+            check.update(&chunk);
+            batched += chunk.len();
+            batch.push(chunk);
+        }
         if batched >= WRITE_BATCH {
-            write_batch(&mut spool, &batch).map_err(spool_err)?;
-            written += batched as u64;
-            progress.set(Spooled::Growing(written));
-            batch.clear();
+            w.write(std::mem::take(&mut batch))?;
             batched = 0;
         }
     }
-    write_batch(&mut spool, &batch).map_err(spool_err)?;
+    w.write(batch)?;
     Ok(check.finish()?)
+}
+
+/// The writer's end of the hand-off: batches, and the bytes the follower has not taken yet.
+struct HandoffTx<'a> {
+    tx: std::sync::mpsc::Sender<Vec<Bytes>>,
+    queued: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// The follower's end.
+struct Handoff<'a> {
+    rx: std::sync::mpsc::Receiver<Vec<Bytes>>,
+    queued: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// The spool file being written, and the hand-off to the follower.
+struct SpoolWriter<'a> {
+    spool: std::fs::File,
+    spool_path: &'a std::path::Path,
+    progress: &'a SpoolProgress,
+    /// `None` once the follower fell behind: it reads the spool file from then on.
+    handoff: Option<HandoffTx<'a>>,
+    written: u64,
+}
+
+impl SpoolWriter<'_> {
+    /// Writes `batch` to the spool file, publishes the new length, and hands the batch to
+    /// the follower if it keeps up.
+    fn write(&mut self, batch: Vec<Bytes>) -> Result<(), PipelineError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        write_batch(&mut self.spool, &batch).map_err(|source| PipelineError::Spool {
+            path: self.spool_path.display().to_string(),
+            source,
+        })?;
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        self.written += len as u64;
+        if let Some(h) = &self.handoff {
+            use std::sync::atomic::Ordering;
+            let queued = h.queued.fetch_add(len, Ordering::AcqRel) + len;
+            if queued > HANDOFF_BYTES || h.tx.send(batch).is_err() {
+                // The follower is behind (or gone): it continues from the file.
+                self.handoff = None;
+            }
+        }
+        self.progress.set(Spooled::Growing(self.written));
+        Ok(())
+    }
 }
 
 /// Writes all of `chunks`, in order, with as few `writev` calls as the kernel allows.
@@ -459,10 +535,12 @@ fn write_batch(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<()> {
     Ok(())
 }
 
-/// The follower of [`run`]: reads the spool file as the writer publishes it and compresses
-/// (and encrypts) it into `out`, until the file is complete. Returns the stored size and
-/// sha256.
+/// The follower of [`run`]: takes the batches the writer hands off while it keeps up, then
+/// reads the spool file as the writer publishes it, and compresses (and encrypts) it all
+/// into `out`, until the file is complete. Returns the stored size and sha256.
+#[allow(clippy::too_many_arguments)]
 fn follow(
+    handoff: Handoff<'_>,
     mut reader: std::fs::File,
     spool_path: &std::path::Path,
     compression: Compression,
@@ -475,8 +553,30 @@ fn follow(
     let mut enc = compression
         .encoder(sealer, level)
         .map_err(PipelineError::Compress)?;
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut pos = 0u64;
+    // The hand-off ends when the writer stops it (or is done): the rest is in the file.
+    while let Ok(batch) = handoff.rx.recv() {
+        if progress.stopped() {
+            return Err(PipelineError::Stopped);
+        }
+        for chunk in batch {
+            enc.write_all(&chunk).map_err(PipelineError::Compress)?;
+            pos += chunk.len() as u64;
+            handoff
+                .queued
+                .fetch_sub(chunk.len(), std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    if pos > 0 {
+        use std::io::Seek;
+        reader
+            .seek(io::SeekFrom::Start(pos))
+            .map_err(|source| PipelineError::Spool {
+                path: spool_path.display().to_string(),
+                source,
+            })?;
+    }
+    let mut buf = vec![0u8; READ_CHUNK];
     while let Some(len) = progress.wait_beyond(pos)? {
         while pos < len {
             let want = usize::try_from(len - pos)
@@ -590,7 +690,10 @@ mod tests {
             let file = file.to_vec();
             std::thread::spawn(move || {
                 for c in file.chunks(32 * 1024) {
-                    if raw_tx.blocking_send(Bytes::copy_from_slice(c)).is_err() {
+                    if raw_tx
+                        .blocking_send(vec![Bytes::copy_from_slice(c)])
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -672,7 +775,9 @@ mod tests {
             let file = file.clone();
             std::thread::spawn(move || {
                 for c in file.chunks(32 * 1024) {
-                    raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+                    raw_tx
+                        .blocking_send(vec![Bytes::copy_from_slice(c)])
+                        .unwrap();
                 }
             })
         };
@@ -729,7 +834,9 @@ mod tests {
         });
         let (first, rest) = file.split_at(4 << 20);
         for c in first.chunks(32 * 1024) {
-            raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+            raw_tx
+                .blocking_send(vec![Bytes::copy_from_slice(c)])
+                .unwrap();
         }
         // The stream is open, half sent: compressed chunks already reach the uploader.
         let mut stored = out_rx
@@ -737,7 +844,9 @@ mod tests {
             .expect("output before the end of the stream")
             .to_vec();
         for c in rest.chunks(32 * 1024) {
-            raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+            raw_tx
+                .blocking_send(vec![Bytes::copy_from_slice(c)])
+                .unwrap();
         }
         drop(raw_tx);
         while let Some(b) = out_rx.blocking_recv() {
@@ -774,7 +883,9 @@ mod tests {
             let file = file.clone();
             std::thread::spawn(move || {
                 for c in file.chunks(32 * 1024) {
-                    raw_tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
+                    raw_tx
+                        .blocking_send(vec![Bytes::copy_from_slice(c)])
+                        .unwrap();
                 }
             })
         };

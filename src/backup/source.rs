@@ -12,7 +12,8 @@ use futures::future::BoxFuture;
 /// The chunks of one snapshot, as the member sends them: the database, then the 32-byte
 /// sha256 trailer.
 pub trait SnapshotChunks: Send {
-    /// The next chunk, or `None` at the end.
+    /// The next chunk, or `None` at the end. Cancel-safe: a future dropped before it is
+    /// ready loses nothing (the cycle polls it once to take chunks that already arrived).
     fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, EtcdError>>;
 }
 

@@ -370,8 +370,17 @@ impl SnapshotStream {
             })?;
         Ok(msg.map(|m| {
             self.received += m.blob().len() as u64;
-            Bytes::copy_from_slice(m.blob())
+            Bytes::from_owner(Blob(m))
         }))
+    }
+}
+
+/// A snapshot message, owned as the bytes of its blob (no copy).
+struct Blob(etcd_client::SnapshotResponse);
+
+impl AsRef<[u8]> for Blob {
+    fn as_ref(&self) -> &[u8] {
+        self.0.blob()
     }
 }
 
