@@ -47,7 +47,7 @@ pub const READ_CHUNK: usize = 1024 * 1024;
 /// means the follower fell behind, and it reads the spool file from then on.
 pub const HANDOFF_BYTES: usize = 8 * 1024 * 1024;
 /// Compressed chunks queued for the uploader.
-pub const OUT_QUEUE: usize = 4;
+pub const OUT_QUEUE: usize = 2;
 /// Size of the chunks handed to the uploader.
 pub const OUT_CHUNK: usize = 1024 * 1024;
 

@@ -31,8 +31,9 @@ use std::time::Duration;
 /// objects up to 48 GiB). Memory held by an upload is about
 /// `PART_SIZE * (MAX_PARTS_IN_FLIGHT + 1)`.
 pub const PART_SIZE: usize = 5 * 1024 * 1024;
-/// Parts uploaded concurrently.
-pub const MAX_PARTS_IN_FLIGHT: usize = 3;
+/// Parts uploaded concurrently. Two keep a link busy at the rate a cycle produces
+/// compressed data (tens of MB/s); on a slow link each waiting part is 5 MiB of memory.
+pub const MAX_PARTS_IN_FLIGHT: usize = 2;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
