@@ -449,9 +449,7 @@ pub(super) async fn verify_backups(
     let tmp = tempdir_in(&cfg.backup.spool_dir)?;
     let mut results = Vec::new();
     let mut bad = 0;
-    let chosen_ids: Vec<crate::store::naming::BackupId> =
-        chosen.iter().map(|m| m.id.clone()).collect();
-    for m in chosen {
+    for &m in &chosen {
         let dest = tmp.join(format!("{}.db", m.id));
         let r = fetch::fetch_to_file(&store, m, &dest, None, identities.as_ref()).await;
         let _ = std::fs::remove_file(&dest);
@@ -478,13 +476,11 @@ pub(super) async fn verify_backups(
             }
         }
     }
-    let chained: Vec<&Manifest> = chosen_ids
-        .iter()
-        .filter_map(|id| listing.backups.iter().find(|m| &m.id == id))
-        .filter(|m| listing.chain_objects.contains_key(&m.id))
-        .collect();
     let identities = identities.map(std::sync::Arc::new);
-    for m in chained {
+    for m in chosen
+        .into_iter()
+        .filter(|m| listing.chain_objects.contains_key(&m.id))
+    {
         let r = verify_chain(&store, m, &tmp, identities.clone()).await;
         match r {
             Ok(c) => {

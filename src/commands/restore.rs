@@ -154,7 +154,7 @@ async fn latest_point(
 ) -> Result<Option<Manifest>, CommandError> {
     use crate::continuous::chain::{Stop, Target};
     use crate::continuous::replay;
-    let plan = replay::plan(store, cluster, Target::Latest)
+    let plan = replay::plan(store, listing, cluster, Target::Latest)
         .await
         .map_err(|e| failed(format!("reading the continuous-backup chains failed: {e}; `restore latest --snapshot-only` restores snapshot {} alone (revision {})", newest.id, newest.revision)))?;
     let reach = match plan.stop {
@@ -164,7 +164,7 @@ async fn latest_point(
     if plan.segments.is_empty() || reach <= newest.revision {
         return Ok(None);
     }
-    let rep = replay::restore_to(cfg, store, cluster, Target::Latest, output, identity)
+    let rep = replay::restore_plan(cfg, store, listing, &plan, output, identity)
         .await
         .map_err(|e| {
             failed(format!(

@@ -19,7 +19,7 @@ use crate::codec::digest::Sha256;
 use crate::config::Config;
 use crate::etcd::watch::{ReplayOp, Replayer};
 use crate::restore::etcdutl::{self, RestoreArgs};
-use crate::store::BackupStore;
+use crate::store::{BackupStore, Listing};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use std::io::{Read, Write};
@@ -65,12 +65,16 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// Plans the restore of `target` from the chains of every committed snapshot of cluster
-/// `cluster_id`.
+/// `cluster_id` in `listing`.
 ///
 /// # Errors
-/// When the store cannot be read or nothing reaches the target.
-pub async fn plan(store: &BackupStore, cluster_id: &str, target: Target) -> Result<Plan, String> {
-    let listing = store.list().await.map_err(|e| e.to_string())?;
+/// When a chain cannot be read or nothing reaches the target.
+pub async fn plan(
+    store: &BackupStore,
+    listing: &Listing,
+    cluster_id: &str,
+    target: Target,
+) -> Result<Plan, String> {
     let now = Utc::now();
     let mut reports = Vec::new();
     for m in listing
@@ -108,6 +112,23 @@ pub async fn restore_to(
     output: &Path,
     identity: Option<&Path>,
 ) -> Result<PitrReport, String> {
+    let listing = store.list().await.map_err(|e| e.to_string())?;
+    let plan = plan(store, &listing, cluster_id, target).await?;
+    restore_plan(cfg, store, &listing, &plan, output, identity).await
+}
+
+/// Carries out `plan` (made from `listing`) into the new snapshot file `output`.
+///
+/// # Errors
+/// A message saying which step failed and what to do.
+pub async fn restore_plan(
+    cfg: &Config,
+    store: &BackupStore,
+    listing: &Listing,
+    plan: &Plan,
+    output: &Path,
+    identity: Option<&Path>,
+) -> Result<PitrReport, String> {
     let started = Instant::now();
     if output.exists() {
         return Err(format!(
@@ -118,8 +139,6 @@ pub async fn restore_to(
     let identities =
         crate::codec::crypt::identities_for(cfg.encryption.identity_file.as_deref(), identity)?
             .map(Arc::new);
-    let plan = plan(store, cluster_id, target).await?;
-    let listing = store.list().await.map_err(|e| e.to_string())?;
     let base = listing
         .backups
         .iter()
@@ -176,7 +195,7 @@ pub async fn restore_to(
         ],
     )?;
     let socket = dir.join(CLIENT_SOCKET);
-    let r = replay(cfg, store, &plan, &socket, output, identities, &mut child).await;
+    let r = replay(cfg, store, plan, &socket, output, identities, &mut child).await;
     let _ = child.kill().await;
     let (replayed, revision, observed_at, size, live_keys) = r.map_err(|e| {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();

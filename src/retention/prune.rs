@@ -360,7 +360,7 @@ fn backup_steps(input: &PlanInput<'_>, policy_plan: &PrunePlan) -> Vec<Step> {
 /// The highest revision a segment manifest of the chain based on `id` names (its key holds
 /// its range), or `None` without one.
 fn chain_reach(listing: &Listing, layout: &Layout, id: &BackupId) -> Option<i64> {
-    use crate::store::naming::{ChainName, ObjectKind};
+    use crate::store::naming::{segment_last_revision, ChainName, ObjectKind};
     listing
         .chain_objects
         .get(id)?
@@ -371,10 +371,7 @@ fn chain_reach(listing: &Listing, layout: &Layout, id: &BackupId) -> Option<i64>
                 Some(ObjectKind::Chain(_, ChainName::Manifest))
             )
         })
-        .filter_map(|o| {
-            let name = o.key.rsplit('/').next()?;
-            name.split('-').nth(1)?.parse().ok()
-        })
+        .filter_map(|o| segment_last_revision(o.key.rsplit('/').next()?))
         .max()
 }
 

@@ -60,6 +60,18 @@ fn is_segment_stem(stem: &str) -> bool {
         && parts[2].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// The last revision a segment's file name (manifest or stored object) holds, or `None`
+/// when `name` is not a segment's.
+pub fn segment_last_revision(name: &str) -> Option<i64> {
+    let stem = name
+        .strip_suffix(".json")
+        .or_else(|| name.split_once(SEGMENT_INFIX).map(|(s, _)| s))?;
+    if !is_segment_stem(stem) {
+        return None;
+    }
+    stem.split('-').nth(1)?.parse().ok()
+}
+
 /// What a file inside a chain's `segments/` directory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainName {
@@ -312,6 +324,15 @@ mod tests {
         ] {
             assert_eq!(l.classify(foreign), None, "{foreign}");
         }
+        assert_eq!(
+            segment_last_revision("00000000000000000001-00000000000000000002-1f.json"),
+            Some(2)
+        );
+        assert_eq!(
+            segment_last_revision("00000000000000000001-00000000000000000042-1f.seg.zst.age"),
+            Some(42)
+        );
+        assert_eq!(segment_last_revision("end-00000000000000000009.json"), None);
         let seg = |n: &str| format!("etcd/prod/20260102T030405Z-0a1b2c/segments/{n}");
         let stem = "00000000000000000001-00000000000000000002-1f";
         for (name, kind) in [

@@ -87,6 +87,28 @@ fn dump_at(c: &EtcdCluster, rev: Option<i64>) -> (BTreeMap<String, Vec<u8>>, i64
     (kvs, v["header"]["revision"].as_i64().unwrap())
 }
 
+/// `list --json` with `config`, parsed.
+fn list_json(config: &Path) -> serde_json::Value {
+    let o = support::etcd_backup(
+        &["list", "--config", config.to_str().unwrap(), "--json"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Starts an etcd from the snapshot file `out` and checks that it is at revision `rev` and
+/// serves exactly what `source` served at `rev`: every key, value, create and mod revision
+/// and version.
+fn assert_restored_exactly(bins: &EtcdBins, source: &EtcdCluster, out: &Path, rev: i64) {
+    let (want, _) = dump_at(source, Some(rev));
+    let restored = restore_and_start(bins, out);
+    let (got, got_rev) = dump_at(&restored, None);
+    assert_eq!(got_rev, rev, "restored revision");
+    assert_eq!(got.len(), want.len(), "key count at revision {rev}");
+    assert!(got == want, "keys and values differ at revision {rev}");
+}
+
 /// Puts, overwrites, deletes, multi-key transactions and leased keys; returns the revision
 /// after each write.
 async fn write_load(endpoint: &str, steps: usize, seed: u64) -> Vec<i64> {
@@ -231,20 +253,13 @@ fn restore_to_random_revisions_is_exact() {
         );
         assert_eq!(base + replayed, r, "{said}");
         eprintln!("{said}");
-        let (want, _) = dump_at(&cluster, Some(r));
-        let restored = restore_and_start(&bins, &out);
-        let (got, got_rev) = dump_at(&restored, None);
-        assert_eq!(got_rev, r, "restored revision");
-        assert_eq!(got.len(), want.len(), "key count at revision {r}");
-        assert!(got == want, "keys and values differ at revision {r}");
+        assert_restored_exactly(&bins, &cluster, &out, r);
     }
 
     // `list` shows how far the snapshot's chain reaches; `verify` reads every segment.
     let reached = committed().unwrap() as i64;
     let cfg = config.to_str().unwrap();
-    let o = support::etcd_backup(&["list", "--config", cfg, "--json"], &[]);
-    assert!(o.status.success(), "{}", support::text(&o));
-    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed = list_json(&config);
     assert_eq!(
         listed[0]["covered_to_revision"].as_i64(),
         Some(reached),
@@ -279,11 +294,7 @@ fn restore_to_random_revisions_is_exact() {
         "{}",
         support::text(&o)
     );
-    let (want, _) = dump_at(&cluster, Some(reached));
-    let restored = restore_and_start(&bins, &out);
-    let (got, got_rev) = dump_at(&restored, None);
-    assert_eq!(got_rev, reached);
-    assert!(got == want, "restore latest: keys and values differ");
+    assert_restored_exactly(&bins, &cluster, &out, reached);
     daemon.kill();
 }
 
@@ -368,11 +379,7 @@ fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
         support::text(&o),
         daemon.log_tail(40)
     );
-    let (want, _) = dump_at(&cluster, Some(last - 4));
-    let restored = restore_and_start(&bins, &out);
-    let (got, rev) = dump_at(&restored, None);
-    assert_eq!(rev, last - 4);
-    assert!(got == want, "keys and values differ");
+    assert_restored_exactly(&bins, &cluster, &out, last - 4);
 
     // Retention: keeping one backup deletes the first snapshot with its whole chain (its
     // segments and the chain-end record), and leaves the new chain alone.
@@ -383,12 +390,7 @@ fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
         format!("{text}[retention]\nkeep_last = 1\nmin_keep = 1\n"),
     )
     .unwrap();
-    let listed = |cfg: &Path| -> serde_json::Value {
-        let o = support::etcd_backup(&["list", "--config", cfg.to_str().unwrap(), "--json"], &[]);
-        assert!(o.status.success(), "{}", support::text(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
-    let before = listed(&config);
+    let before = list_json(&config);
     assert_eq!(before.as_array().unwrap().len(), 2, "{before}");
     let (new_id, old_id) = (
         before[0]["id"].as_str().unwrap().to_string(),
@@ -422,7 +424,7 @@ fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
     for f in &new_files {
         assert!(f.exists(), "{} was deleted", f.display());
     }
-    let after = listed(&config);
+    let after = list_json(&config);
     assert_eq!(after.as_array().unwrap().len(), 1, "{after}");
     assert!(
         after[0]["covered_to_revision"].as_i64() >= Some(last),
@@ -556,11 +558,7 @@ fn leader_failover_mid_writes_leaves_no_gap() {
             support::text(&o),
             fleet.logs()
         );
-        let (want, _) = dump_at(&fleet.cluster, Some(r));
-        let restored = restore_and_start(&bins, &out);
-        let (got, rev) = dump_at(&restored, None);
-        assert_eq!(rev, r);
-        assert!(got == want, "keys and values differ at revision {r}");
+        assert_restored_exactly(&bins, &fleet.cluster, &out, r);
     }
 }
 
@@ -697,10 +695,6 @@ fn measure() {
         t.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&o.stdout)
     );
-    let (want, _) = dump_at(&cluster, Some(last));
-    let restored = restore_and_start(&bins, &out);
-    let (got, rev) = dump_at(&restored, None);
-    assert_eq!(rev, last);
-    assert!(got == want);
+    assert_restored_exactly(&bins, &cluster, &out, last);
     daemon.kill();
 }
