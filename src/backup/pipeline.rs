@@ -678,6 +678,56 @@ mod tests {
         }
     }
 
+    /// Sends `data` in 32 KiB chunks from another thread; `true` when all of it was taken.
+    fn feed(raw_tx: mpsc::Sender<Vec<Bytes>>, data: &[u8]) -> std::thread::JoinHandle<bool> {
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            data.chunks(32 * 1024).all(|c| {
+                raw_tx
+                    .blocking_send(vec![Bytes::copy_from_slice(c)])
+                    .is_ok()
+            })
+        })
+    }
+
+    /// The pipeline running on its own thread over a new spool file in a directory.
+    struct Started {
+        raw_tx: mpsc::Sender<Vec<Bytes>>,
+        out_rx: mpsc::Receiver<Bytes>,
+        done_rx: oneshot::Receiver<RawDigest>,
+        spool_path: std::path::PathBuf,
+        thread: std::thread::JoinHandle<Result<PipelineReport, PipelineError>>,
+    }
+
+    fn start(dir: &std::path::Path, compression: Compression) -> Started {
+        let spool_path = dir.join("s.spool");
+        let spool = std::fs::File::create(&spool_path).unwrap();
+        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (done_tx, done_rx) = oneshot::channel();
+        let sp = spool_path.clone();
+        let thread = std::thread::spawn(move || {
+            run(
+                raw_rx,
+                spool,
+                &sp,
+                compression,
+                None,
+                &[],
+                out_tx,
+                &SpoolProgress::new(),
+                done_tx,
+            )
+        });
+        Started {
+            raw_tx,
+            out_rx,
+            done_rx,
+            spool_path,
+            thread,
+        }
+    }
+
     /// Runs the pipeline over `file` in 32 KiB chunks; the feeder tolerates an early stop.
     fn run_over(
         file: &[u8],
@@ -686,19 +736,8 @@ mod tests {
         out_tx: mpsc::Sender<Bytes>,
     ) -> Result<PipelineReport, PipelineError> {
         let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
-        let feeder = {
-            let file = file.to_vec();
-            std::thread::spawn(move || {
-                for c in file.chunks(32 * 1024) {
-                    if raw_tx
-                        .blocking_send(vec![Bytes::copy_from_slice(c)])
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            })
-        };
+        // The pipeline may stop early: what the feeder could not send is of no matter.
+        let feeder = feed(raw_tx, file);
         let (done_tx, _done_rx) = oneshot::channel();
         let r = run(
             raw_rx,
@@ -752,35 +791,14 @@ mod tests {
         // hold together, so a pipeline coupled to its uploader could not take it all.
         let file = snapshot_like(32 * 1024);
         let dir = tempfile::tempdir().unwrap();
-        let spool_path = dir.path().join("s.spool");
-        let spool = std::fs::File::create(&spool_path).unwrap();
-        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
-        let (done_tx, mut done_rx) = oneshot::channel();
-        let sp = spool_path.clone();
-        let t = std::thread::spawn(move || {
-            run(
-                raw_rx,
-                spool,
-                &sp,
-                Compression::None,
-                None,
-                &[],
-                out_tx,
-                &SpoolProgress::new(),
-                done_tx,
-            )
-        });
-        let feeder = {
-            let file = file.clone();
-            std::thread::spawn(move || {
-                for c in file.chunks(32 * 1024) {
-                    raw_tx
-                        .blocking_send(vec![Bytes::copy_from_slice(c)])
-                        .unwrap();
-                }
-            })
-        };
+        let Started {
+            raw_tx,
+            mut out_rx,
+            mut done_rx,
+            spool_path,
+            thread: t,
+        } = start(dir.path(), Compression::None);
+        let feeder = feed(raw_tx, &file);
         // Nobody drains the output: the stream must still end, whole and checked.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         let raw = loop {
@@ -796,7 +814,7 @@ mod tests {
                 Err(e) => panic!("the pipeline failed: {e}"),
             }
         };
-        feeder.join().unwrap();
+        assert!(feeder.join().unwrap(), "the pipeline took the whole stream");
         assert_eq!(raw.size, file.len() as u64);
         assert_eq!(std::fs::read(&spool_path).unwrap(), file);
         // The uploader got at most what the queue holds; it now catches up from the spool.
@@ -813,42 +831,20 @@ mod tests {
     fn the_uploader_follows_the_spool_before_the_stream_ends() {
         let file = snapshot_like(16 * 1024); // 8 MiB
         let dir = tempfile::tempdir().unwrap();
-        let spool_path = dir.path().join("s.spool");
-        let spool = std::fs::File::create(&spool_path).unwrap();
-        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
-        let (done_tx, _done_rx) = oneshot::channel();
-        let sp = spool_path.clone();
-        let t = std::thread::spawn(move || {
-            run(
-                raw_rx,
-                spool,
-                &sp,
-                Compression::None,
-                None,
-                &[],
-                out_tx,
-                &SpoolProgress::new(),
-                done_tx,
-            )
-        });
+        let Started {
+            raw_tx,
+            mut out_rx,
+            thread: t,
+            ..
+        } = start(dir.path(), Compression::None);
         let (first, rest) = file.split_at(4 << 20);
-        for c in first.chunks(32 * 1024) {
-            raw_tx
-                .blocking_send(vec![Bytes::copy_from_slice(c)])
-                .unwrap();
-        }
+        assert!(feed(raw_tx.clone(), first).join().unwrap());
         // The stream is open, half sent: compressed chunks already reach the uploader.
         let mut stored = out_rx
             .blocking_recv()
             .expect("output before the end of the stream")
             .to_vec();
-        for c in rest.chunks(32 * 1024) {
-            raw_tx
-                .blocking_send(vec![Bytes::copy_from_slice(c)])
-                .unwrap();
-        }
-        drop(raw_tx);
+        assert!(feed(raw_tx, rest).join().unwrap());
         while let Some(b) = out_rx.blocking_recv() {
             stored.extend_from_slice(&b);
         }
@@ -860,40 +856,19 @@ mod tests {
     fn pipeline_writes_spool_and_compressed_chunks() {
         let file = snapshot_like(4000); // ~2 MB
         let dir = tempfile::tempdir().unwrap();
-        let spool_path = dir.path().join("s.spool");
-        let spool = std::fs::File::create(&spool_path).unwrap();
-        let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
-        let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
-        let sp = spool_path.clone();
-        let (done_tx, done_rx) = oneshot::channel();
-        let t = std::thread::spawn(move || {
-            run(
-                raw_rx,
-                spool,
-                &sp,
-                Compression::Gzip,
-                None,
-                &[],
-                out_tx,
-                &SpoolProgress::new(),
-                done_tx,
-            )
-        });
-        let feeder = {
-            let file = file.clone();
-            std::thread::spawn(move || {
-                for c in file.chunks(32 * 1024) {
-                    raw_tx
-                        .blocking_send(vec![Bytes::copy_from_slice(c)])
-                        .unwrap();
-                }
-            })
-        };
+        let Started {
+            raw_tx,
+            mut out_rx,
+            done_rx,
+            spool_path,
+            thread: t,
+        } = start(dir.path(), Compression::Gzip);
+        let feeder = feed(raw_tx, &file);
         let mut stored = Vec::new();
         while let Some(b) = out_rx.blocking_recv() {
             stored.extend_from_slice(&b);
         }
-        feeder.join().unwrap();
+        assert!(feeder.join().unwrap(), "the pipeline took the whole stream");
         let rep = t.join().unwrap().unwrap();
         assert_eq!(done_rx.blocking_recv().unwrap(), rep.raw);
         assert_eq!(std::fs::read(&spool_path).unwrap(), file);
