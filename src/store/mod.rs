@@ -699,35 +699,24 @@ impl BackupStore {
         let mut manifest_keys = Vec::new();
         for o in objects {
             let key = o.location.to_string();
-            match self.layout.classify(&key) {
+            let (by_id, id) = match self.layout.classify(&key) {
                 Some(ObjectKind::Manifest(id)) => {
                     listing.manifest_ids.insert(id.clone());
                     manifest_keys.push((id, key));
+                    continue;
                 }
-                Some(ObjectKind::Data(id)) => {
-                    listing
-                        .data_objects
-                        .entry(id)
-                        .or_default()
-                        .push(DataObject {
-                            key,
-                            size: o.size,
-                            modified: o.last_modified,
-                        });
+                Some(ObjectKind::Data(id)) => (&mut listing.data_objects, id),
+                Some(ObjectKind::Chain(id, _)) => (&mut listing.chain_objects, id),
+                None => {
+                    listing.foreign += 1;
+                    continue;
                 }
-                Some(ObjectKind::Chain(id, _)) => {
-                    listing
-                        .chain_objects
-                        .entry(id)
-                        .or_default()
-                        .push(DataObject {
-                            key,
-                            size: o.size,
-                            modified: o.last_modified,
-                        });
-                }
-                None => listing.foreign += 1,
-            }
+            };
+            by_id.entry(id).or_default().push(DataObject {
+                key,
+                size: o.size,
+                modified: o.last_modified,
+            });
         }
         let fetched: Vec<_> = futures::stream::iter(manifest_keys)
             .map(|(id, key)| async move {
