@@ -39,17 +39,74 @@ fn scrape(port: u16, name: &str) -> Option<f64> {
         .and_then(|t| support::metric(&t, name))
 }
 
-fn write_config(path: &Path, endpoint: &str, dir: &Path, etcd_dir: &Path, port: u16) {
+fn write_config(
+    path: &Path,
+    endpoint: &str,
+    dir: &Path,
+    etcd_dir: &Path,
+    port: u16,
+    segment_interval: &str,
+) {
     std::fs::write(
         path,
         format!(
-            "[etcd]\nendpoints = [\"{endpoint}\"]\n[storage]\nurl = \"file://{}\"\n[backup]\ncluster_name = \"c\"\nspool_dir = \"{}\"\n[schedule]\ncron = \"0 0 1 1 *\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n[drill]\netcd_dir = \"{}\"\n[election]\nlease_ttl = \"5s\"\n[continuous]\nenabled = true\nsegment_interval = \"1s\"\n",
+            "[etcd]\nendpoints = [\"{endpoint}\"]\n[storage]\nurl = \"file://{}\"\n[backup]\ncluster_name = \"c\"\nspool_dir = \"{}\"\n[schedule]\ncron = \"0 0 1 1 *\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n[drill]\netcd_dir = \"{}\"\n[election]\nlease_ttl = \"5s\"\n[continuous]\nenabled = true\nsegment_interval = \"{segment_interval}\"\n",
             dir.join("store").display(),
             dir.join("spool").display(),
             etcd_dir.display(),
         ),
     )
     .unwrap();
+}
+
+/// A daemon with continuous backup on `cluster`'s first member (election on, its store and
+/// spool in a new directory), running from its first snapshot's chain.
+struct Watching {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    port: u16,
+    daemon: support::ChildProc,
+}
+
+impl Watching {
+    /// Starts it with `segment_interval` and waits, 60 s at most, until it watches: its
+    /// first start takes the missed slot's backup at once (the store is empty), then
+    /// starts that snapshot's chain. Its log is `daemon1.log`.
+    fn start(bins: &EtcdBins, cluster: &EtcdCluster, segment_interval: &str) -> Watching {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        let port = support::free_port();
+        write_config(
+            &config,
+            &cluster.client_url(0),
+            dir.path(),
+            bins.etcd.parent().unwrap(),
+            port,
+            segment_interval,
+        );
+        let log = dir.path().join("daemon1.log");
+        let daemon = start_daemon(&config, &log);
+        let said = |what: &str| {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(what)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        support::wait_until("the first snapshot", Duration::from_secs(60), || {
+            said("scheduled backup committed")
+        });
+        support::wait_until(
+            "the continuous watch",
+            deadline.saturating_duration_since(std::time::Instant::now()),
+            || said("continuous backup: watching"),
+        );
+        Watching {
+            dir,
+            config,
+            port,
+            daemon,
+        }
+    }
 }
 
 /// Every key with its value, create revision, mod revision and version at revision `rev`
@@ -168,21 +225,12 @@ fn restore_to_random_revisions_is_exact() {
     let bins = EtcdBins::get(EtcdVersion::V3_5_1);
     let cluster = EtcdCluster::start(&bins, 3);
     cluster.put("/before/snapshot", "1");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let port = support::free_port();
-    let etcd_dir = bins.etcd.parent().unwrap();
-    write_config(&config, &cluster.client_url(0), dir.path(), etcd_dir, port);
-    let log = dir.path().join("daemon.log");
-    let mut daemon = start_daemon(&config, &log);
-    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    // The first start takes the missed slot's backup at once (the store is empty).
-    support::wait_until("the first snapshot", Duration::from_secs(60), || {
-        daemon_log().contains("scheduled backup committed")
-    });
-    support::wait_until("the continuous watch", Duration::from_secs(30), || {
-        daemon_log().contains("continuous backup: watching")
-    });
+    let Watching {
+        dir,
+        config,
+        port,
+        mut daemon,
+    } = Watching::start(&bins, &cluster, "1s");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let endpoint = cluster.client_url(0);
@@ -303,23 +351,12 @@ fn compaction_past_the_chain_is_a_recorded_gap_and_a_new_chain() {
     let bins = EtcdBins::get(EtcdVersion::V3_5_1);
     let cluster = EtcdCluster::start(&bins, 1);
     cluster.put("/a", "0");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let port = support::free_port();
-    write_config(
-        &config,
-        &cluster.client_url(0),
-        dir.path(),
-        bins.etcd.parent().unwrap(),
+    let Watching {
+        dir,
+        config,
         port,
-    );
-    let log1 = dir.path().join("daemon1.log");
-    let mut daemon = start_daemon(&config, &log1);
-    support::wait_until("the continuous watch", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log1)
-            .unwrap_or_default()
-            .contains("continuous backup: watching")
-    });
+        mut daemon,
+    } = Watching::start(&bins, &cluster, "1s");
     for i in 0..10 {
         cluster.put(&format!("/a/{i}"), "1");
     }
@@ -581,27 +618,12 @@ fn measure() {
     let bins = EtcdBins::get(EtcdVersion::V3_5_1);
     let cluster = EtcdCluster::start(&bins, 1);
     cluster.put("/m", "0");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let port = support::free_port();
-    write_config(
-        &config,
-        &cluster.client_url(0),
-        dir.path(),
-        bins.etcd.parent().unwrap(),
+    let Watching {
+        dir,
+        config,
         port,
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("segment_interval = \"1s\"", "segment_interval = \"10s\"");
-    std::fs::write(&config, text).unwrap();
-    let log = dir.path().join("daemon.log");
-    let mut daemon = start_daemon(&config, &log);
-    support::wait_until("the continuous watch", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("continuous backup: watching")
-    });
+        mut daemon,
+    } = Watching::start(&bins, &cluster, "10s");
     let pid = daemon.pid();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ep = cluster.client_url(0);
